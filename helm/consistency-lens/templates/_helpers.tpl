@@ -1,0 +1,248 @@
+{{/* Chart name, capped at 63 characters. */}}
+{{- define "consistency-lens.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Object name prefix: the release name (the launcher names releases after run.name). Capped at 52 characters because
+the operator names pods and services `<name>-worker-<N>`, which must stay a 63-character DNS label.
+*/}}
+{{- define "consistency-lens.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "consistency-lens.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "consistency-lens.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "consistency-lens.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "consistency-lens.labels" -}}
+helm.sh/chart: {{ include "consistency-lens.chart" . }}
+{{ include "consistency-lens.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: consistency-lens
+{{- end -}}
+
+{{- define "consistency-lens.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "consistency-lens.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "consistency-lens.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Cross-field checks the schema cannot express. Each names the bad key; one `fail` prints them all.
+*/}}
+{{- define "consistency-lens.validateValues" -}}
+{{- $errors := list -}}
+{{- $w := .Values.workers -}}
+{{- if not (and (le (int $w.minReplicas) (int $w.replicas)) (le (int $w.replicas) (int $w.maxReplicas))) -}}
+{{- $errors = append $errors (printf "workers: need minReplicas (%d) <= replicas (%d) <= maxReplicas (%d)" (int $w.minReplicas) (int $w.replicas) (int $w.maxReplicas)) -}}
+{{- end -}}
+{{- if gt (int .Values.dump.parallelism) (int .Values.dump.completions) -}}
+{{- $errors = append $errors (printf "dump.parallelism (%d) must be <= dump.completions (%d)" (int .Values.dump.parallelism) (int .Values.dump.completions)) -}}
+{{- end -}}
+{{- range $name, $_ := .Values.extraEnv -}}
+{{- if or (hasPrefix "PET_" $name) (hasPrefix "MASTER_" $name) (has $name (list "WORLD_SIZE" "RANK" "LOCAL_RANK" "NODE_RANK" "LOCAL_WORLD_SIZE" "GROUP_RANK" "TORCHELASTIC_RUN_ID")) -}}
+{{- $errors = append $errors (printf "extraEnv.%s: set by the training operator or torchrun, not by the chart" $name) -}}
+{{- end -}}
+{{- if or (has $name (list "WANDB_API_KEY" "HF_TOKEN" "HUGGING_FACE_HUB_TOKEN" "AWS_SESSION_TOKEN")) (and (hasPrefix "AWS_" $name) (contains "KEY" $name)) -}}
+{{- $errors = append $errors (printf "extraEnv.%s: a credential; reference a Secret with secrets.*.existingSecret instead" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- if $errors -}}
+{{- fail (printf "\nVALUES VALIDATION:\n%s" (join "\n" $errors)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Node selection: the spot preset merged with user nodeSelector. */}}
+{{- define "consistency-lens.nodeSelector" -}}
+{{- $presets := dict
+  "none" (dict)
+  "karpenter" (dict "karpenter.sh/capacity-type" "spot")
+  "eks" (dict "eks.amazonaws.com/capacityType" "SPOT")
+  "gke" (dict "cloud.google.com/gke-spot" "true") -}}
+{{- $selector := merge (deepCopy .Values.nodeSelector) (get $presets .Values.spot.preset) -}}
+{{- with $selector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Tolerations: pods leave a not-ready/unreachable node after preemption.nodeLostTolerationSeconds (instead of
+Kubernetes' 300 s), plus GPU nodes' usual taint, the GKE spot taint, and the user's.
+Call with (dict "root" $ "gpus" N).
+*/}}
+{{- define "consistency-lens.tolerations" -}}
+{{- $v := .root.Values -}}
+{{- $list := list -}}
+{{- range $key := list "node.kubernetes.io/not-ready" "node.kubernetes.io/unreachable" -}}
+{{- $list = append $list (dict "key" $key "operator" "Exists" "effect" "NoExecute" "tolerationSeconds" (int $v.preemption.nodeLostTolerationSeconds)) -}}
+{{- end -}}
+{{- if gt (int .gpus) 0 -}}
+{{- $list = append $list (dict "key" $v.gpuResource "operator" "Exists" "effect" "NoSchedule") -}}
+{{- end -}}
+{{- if eq $v.spot.preset "gke" -}}
+{{- $list = append $list (dict "key" "cloud.google.com/gke-spot" "operator" "Equal" "value" "true" "effect" "NoSchedule") -}}
+{{- end -}}
+{{- range $name := keys $v.tolerations | sortAlpha -}}
+{{- $list = append $list (get $v.tolerations $name) -}}
+{{- end }}
+tolerations:
+  {{- toYaml $list | nindent 2 }}
+{{- end -}}
+
+{{/*
+Pod-level fields shared by the trainer and the dump pods. Call with (dict "root" $ "component" NAME "gpus" N).
+*/}}
+{{- define "consistency-lens.podMeta" -}}
+{{- $v := .root.Values -}}
+labels:
+  {{- include "consistency-lens.labels" .root | nindent 2 }}
+  app.kubernetes.io/component: {{ .component }}
+  {{- with $v.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- $annotations := deepCopy $v.podAnnotations -}}
+{{- if eq $v.spot.preset "karpenter" -}}
+{{- /* Karpenter must not consolidate a node away under a running job; spot interruptions still happen. */ -}}
+{{- $_ := set $annotations "karpenter.sh/do-not-disrupt" "true" -}}
+{{- end -}}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "consistency-lens.podSpec" -}}
+{{- $v := .root.Values -}}
+serviceAccountName: {{ include "consistency-lens.serviceAccountName" .root }}
+automountServiceAccountToken: false
+terminationGracePeriodSeconds: {{ $v.preemption.terminationGracePeriodSeconds }}
+{{- with $v.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: {{ $v.securityContext.runAsUser }}
+  runAsGroup: {{ $v.securityContext.runAsGroup }}
+  fsGroup: {{ $v.securityContext.fsGroup }}
+  seccompProfile:
+    type: RuntimeDefault
+{{- with $v.imagePullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . | quote }}
+  {{- end }}
+{{- end }}
+{{- include "consistency-lens.nodeSelector" .root }}
+{{- include "consistency-lens.tolerations" . }}
+{{- with $v.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  - name: config
+    configMap:
+      name: {{ include "consistency-lens.fullname" .root }}-config
+  - name: shm
+    emptyDir:
+      medium: Memory
+      sizeLimit: {{ $v.shmSize }}
+  - name: tmp
+    emptyDir: {}
+{{- end -}}
+
+{{/*
+Container fields shared by the trainer and the dump containers: image, env (secrets by reference only), mounts,
+the preStop flag, security context, resources. Call with (dict "root" $ "gpus" N "resources" MAP "env" MAP).
+*/}}
+{{- define "consistency-lens.container" -}}
+{{- $v := .root.Values -}}
+image: {{ include "consistency-lens.image" .root | quote }}
+imagePullPolicy: {{ $v.image.pullPolicy }}
+env:
+  - name: LENS_RUN_NAME
+    value: {{ $v.run.name | quote }}
+  - name: LENS_PREEMPT_FLAG
+    value: {{ $v.preemption.preStopFlag | quote }}
+  {{- with $v.storage.endpointUrl }}
+  - name: AWS_ENDPOINT_URL
+    value: {{ . | quote }}
+  {{- end }}
+  {{- with $v.storage.region }}
+  - name: AWS_REGION
+    value: {{ . | quote }}
+  {{- end }}
+  {{- with $v.secrets.wandb.existingSecret }}
+  - name: WANDB_API_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ . | quote }}
+        key: {{ $v.secrets.wandb.apiKeyKey | quote }}
+  {{- end }}
+  {{- with $v.secrets.huggingface.existingSecret }}
+  - name: HF_TOKEN
+    valueFrom:
+      secretKeyRef:
+        name: {{ . | quote }}
+        key: {{ $v.secrets.huggingface.tokenKey | quote }}
+  {{- end }}
+  {{- with $v.secrets.aws.existingSecret }}
+  - name: AWS_ACCESS_KEY_ID
+    valueFrom:
+      secretKeyRef:
+        name: {{ . | quote }}
+        key: {{ $v.secrets.aws.accessKeyIdKey | quote }}
+  - name: AWS_SECRET_ACCESS_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ . | quote }}
+        key: {{ $v.secrets.aws.secretAccessKeyKey | quote }}
+  {{- end }}
+  {{- $extra := merge (default (dict) .env) $v.extraEnv }}
+  {{- range $name := keys $extra | sortAlpha }}
+  - name: {{ $name }}
+    value: {{ get $extra $name | toString | quote }}
+  {{- end }}
+volumeMounts:
+  - name: config
+    mountPath: /etc/lens
+    readOnly: true
+  - name: shm
+    mountPath: /dev/shm
+  - name: tmp
+    mountPath: /tmp
+lifecycle:
+  preStop:
+    exec:
+      # Runs before SIGTERM (pod deletion, spot drain): the trainer sees the flag and checkpoints at once.
+      command: ["/bin/sh", "-c", {{ printf "date -u +%%s > %s" $v.preemption.preStopFlag | quote }}]
+securityContext:
+  allowPrivilegeEscalation: false
+  privileged: false
+  readOnlyRootFilesystem: {{ $v.securityContext.readOnlyRootFilesystem }}
+  capabilities:
+    drop: ["ALL"]
+{{- $resources := deepCopy .resources }}
+{{- if gt (int .gpus) 0 }}
+{{- $limits := default (dict) $resources.limits }}
+{{- $_ := set $limits $v.gpuResource (int .gpus) }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end }}
+{{- with $resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}

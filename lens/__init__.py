@@ -1,0 +1,1 @@
+"""consistency-lens: explain an LLM activation through a textual bottleneck."""

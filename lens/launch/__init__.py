@@ -1,0 +1,66 @@
+"""Launch a run on Kubernetes: config -> chart values -> validated manifests -> Helm release.
+
+`scripts/launch.py` only parses arguments and calls `launch`, `status`, `logs` or `delete`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from lens.config import load_config
+from lens.errors import InputError
+from lens.launch.cluster import (current_namespace, delete, install, logs, parse_manifests, render,
+                                 require_valid, status)
+from lens.launch.schema import strict_schema_from_file
+from lens.launch.values import chart_values, merge_values, values_yaml
+
+__all__ = ["launch", "status", "logs", "delete", "current_namespace", "chart_values"]
+
+CRD_ENV = "LENS_PYTORCHJOB_CRD"
+
+
+def _read_values(paths: list[str]) -> dict:
+    merged: dict = {}
+    for path in paths:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise InputError(f"values file {path}: " + " ".join(str(e).split())) from None
+        if not isinstance(data, dict):
+            raise InputError(f"values file {path}: expected a mapping of chart values")
+        merged = merge_values(merged, data)
+    return merged
+
+
+def launch(config: str, overrides: list[str], *, values_files: list[str] = (), namespace: str | None = None,
+           dry_run: bool = False, values_out: str | None = None, crd: str | None = None, local: bool = False) -> int:
+    """Compose and validate the config, map it to chart values, render and validate the manifests strictly; then
+    print them (`dry_run`) or install the release named after run.name. Returns the exit code."""
+    cfg = load_config(config, overrides)
+    values = chart_values(cfg, _read_values(list(values_files)))
+    if values_out:
+        Path(values_out).write_text(values_yaml(values))
+    release, namespace = cfg.run.name, namespace or current_namespace()
+    text = render(values, release, namespace)
+    docs = parse_manifests(text)
+    if local:
+        # ---- --local hook: run `docs` on this machine (a torchrun agent per worker replica with the env the
+        # operator would inject, rendezvous on 127.0.0.1; the dump Job's indexes as processes first). ----
+        raise NotImplementedError("--local arrives with local emulation")
+    for key, uri in (("run.dir", cfg.run.dir), ("data.activations", cfg.data.activations)):
+        if uri and "://" not in uri:  # a spot-replaced pod starts with empty disks
+            print(f"warning: {key}={uri} is a path inside the pods and is lost when a pod is replaced; use "
+                  f"s3://... on a cluster", file=sys.stderr)
+    if dry_run:
+        crd = crd or os.environ.get(CRD_ENV)
+        require_valid(docs, strict_schema_from_file(crd) if crd else None)
+        checked = "strict CRD schema + kubeflow-training SDK" if crd else "kubeflow-training SDK"
+        print(f"validated {len(docs)} manifests (core kinds: kubernetes-validate --strict; PyTorchJob: {checked})",
+              file=sys.stderr)
+        sys.stdout.write(text)
+        return 0
+    return install(values, release, namespace, docs)

@@ -1,0 +1,62 @@
+"""Run config -> Helm values for `helm/consistency-lens`: a pure function, the one place that maps config keys to
+chart values. Cluster shape (image, GPUs, workers, spot preset, secret names) is not part of the run config; it
+comes from the chart's defaults and the user's values files, passed here as `overrides`."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import yaml
+
+from lens.config import LensConfig, to_yaml
+from lens.errors import ConfigError
+
+# Keys derived from the run config; a values file may not set them to something else (the pods would read one
+# run name from the ConfigMap and another from their environment).
+_DERIVED = ("run", "config")
+
+
+def chart_values(cfg: LensConfig, overrides: dict | None = None) -> dict:
+    """Chart values for a validated config. `overrides` (parsed values files) are deep-merged on top, except the
+    run name and the config text, which always come from `cfg`."""
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", cfg.run.name) or len(cfg.run.name) > 52:
+        raise ConfigError("run.name", cfg.run.name, "a name starting with a letter, at most 52 characters, when "
+                          "launched on Kubernetes (it names the PyTorchJob, a DNS-1035 label)")
+    derived: dict[str, Any] = {
+        "run": {"name": cfg.run.name},
+        "config": to_yaml(cfg),
+        "dump": {"enabled": not cfg.data.on_the_fly},
+        "storage": {"endpointUrl": cfg.storage.endpoint_url or ""},
+        "wandb": {"project": cfg.wandb.project, "entity": cfg.wandb.entity or ""},
+    }
+    overrides = copy.deepcopy(overrides or {})
+    for key in _DERIVED:
+        if key in overrides and overrides[key] != derived[key]:
+            raise ConfigError(f"values.{key}", overrides[key], f"no `{key}` in values files: it comes from the run "
+                              "config (use key=value overrides)")
+    return merge_values(derived, overrides)
+
+
+def merge_values(base: dict, extra: dict) -> dict:
+    """`extra` deep-merged onto `base` the way helm merges values files (maps merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_values(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the config text) as `|` blocks, so a values file reads like the config it holds."""
+
+
+_BlockDumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def values_yaml(values: dict) -> str:
+    return yaml.dump(values, Dumper=_BlockDumper, sort_keys=False)

@@ -1,0 +1,126 @@
+"""Decoder: activation -> explanation text.
+
+One prefix builder (`prefix`), one generation loop (`generate`: straight-through Gumbel-softmax or hard sampling,
+with or without a KV cache) and one teacher-forced scorer (`score`) built on the same prefix and slot patching.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from lens import rng
+from lens.config import DecoderConfig
+from lens.models.blocks import before_blocks, resolve
+from lens.models.prompt import split_prompt
+
+
+@dataclass
+class Generation:
+    ids: torch.Tensor
+    """(B, T) token ids of the explanation."""
+    embeds: torch.Tensor
+    """(B, T, d) input embeddings of those tokens (straight-through: differentiable w.r.t. the logits)."""
+    logits: torch.Tensor
+    """(B, T, V) fp32 logits each token was drawn from."""
+
+
+def identity_linear(d: int, scale: float = 1.0) -> nn.Linear:
+    layer = nn.Linear(d, d)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(d) * scale)
+        layer.bias.zero_()
+    return layer
+
+
+class Decoder(nn.Module):
+    """Reads A through `[left prompt | proj(A) | right prompt]` and writes `t_text` tokens."""
+
+    def __init__(self, lm: nn.Module, tokenizer, cfg: DecoderConfig, act_scale: float):
+        """`act_scale`: typical token-embedding norm / typical activation norm, so proj(A) starts at the scale of
+        a token embedding."""
+        super().__init__()
+        self.lm = lm
+        self.parts = resolve(lm)
+        d = self.parts.d_model
+        left, right = split_prompt(tokenizer, cfg.prompt, "<embed>")
+        with torch.no_grad():
+            self.prompt_left = nn.Parameter(self.parts.embed_ids(left).float().clone())  # (P_l, d)
+            self.prompt_right = nn.Parameter(self.parts.embed_ids(right).float().clone())  # (P_r, d)
+        self.proj = identity_linear(d, act_scale)
+        self.slot = len(left)
+        self.n_patch = self.parts.n_layers if cfg.patch_layers == -1 else cfg.patch_layers
+        n_own = self.n_patch if cfg.per_layer_proj else 0
+        self.layer_proj = nn.ModuleList(identity_linear(d, act_scale) for _ in range(n_own))
+
+    def prefix(self, A: torch.Tensor) -> torch.Tensor:
+        """(B, d) activations -> (B, P, d) prefix embeddings."""
+        B = A.shape[0]
+        slot = self.proj(A).unsqueeze(1)
+        return torch.cat([self.prompt_left.expand(B, -1, -1), slot, self.prompt_right.expand(B, -1, -1)], dim=1)
+
+    def _slot_patch(self, A: torch.Tensor):
+        """Overwrite the residual at the slot before each of the first `n_patch` blocks (a pass holding the slot)."""
+        if self.n_patch == 0:
+            return nullcontext()
+
+        def overwrite(i: int, hidden: torch.Tensor) -> torch.Tensor:
+            proj = self.layer_proj[i] if len(self.layer_proj) else self.proj
+            hidden = hidden.clone()
+            hidden[:, self.slot] = proj(A).to(hidden.dtype)
+            return hidden
+
+        return before_blocks(self.parts, self.n_patch, overwrite)
+
+    def _forward(self, A: torch.Tensor, embeds: torch.Tensor, cache, with_slot: bool) -> torch.Tensor:
+        """Run the LM on `embeds` (patching the slot when this pass holds it); fp32 logits of the last position."""
+        with self._slot_patch(A) if with_slot else nullcontext():
+            out = self.lm(inputs_embeds=embeds.to(self.parts.embed.weight.dtype), cache=cache,
+                          use_cache=cache is not None, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def generate(self, A: torch.Tensor, t_text: int, keys: torch.Tensor, *, tau: float = 1.0, hard: bool = False,
+                 temperature: float = 1.0, use_cache: bool = True) -> Generation:
+        """Generate `t_text` tokens for each activation in A (B, d).
+
+        `keys` (B,) int64: randomness of row b is Gumbel noise keyed by (keys[b], step), so it does not depend on
+        batch composition. Soft mode (`hard=False`): straight-through Gumbel-softmax at temperature `tau`, the
+        forward value is the one-hot sample and gradients flow through the softmax. Hard mode: Gumbel-max sampling
+        at `temperature` (an exact sample of softmax(logits / temperature)), no gradients."""
+        with torch.no_grad() if hard else nullcontext():
+            prefix = self.prefix(A)
+            cache = DynamicCache(config=self.lm.config) if use_cache else None
+            ids, embeds, logits = [], [], []
+            step_input = prefix
+            for t in range(t_text):
+                if use_cache:
+                    logits_t = self._forward(A, step_input, cache, with_slot=t == 0)
+                else:  # recompute the whole sequence: the reference the cached path must equal
+                    logits_t = self._forward(A, torch.cat([prefix, *embeds], dim=1), None, with_slot=True)
+                noise = rng.gumbel(rng.key(keys, t), logits_t.shape[-1])
+                if hard:
+                    id_t = torch.argmax(logits_t / temperature + noise, dim=-1)
+                    emb_t = self.parts.embed_ids(id_t).float()
+                else:
+                    soft = torch.softmax((logits_t + noise) / tau, dim=-1)
+                    id_t = soft.argmax(dim=-1)
+                    one_hot = torch.nn.functional.one_hot(id_t, soft.shape[-1]).to(soft.dtype)
+                    emb_t = self.parts.embed_soft(one_hot - soft.detach() + soft).float()
+                ids.append(id_t)
+                embeds.append(emb_t.unsqueeze(1))
+                logits.append(logits_t)
+                step_input = embeds[-1]
+            return Generation(torch.stack(ids, 1), torch.cat(embeds, 1), torch.stack(logits, 1))
+
+    def score(self, A: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: (B, T, V) fp32 logits that predict ids[:, t] after the prefix and ids[:, :t]."""
+        prefix = self.prefix(A)
+        inputs = torch.cat([prefix, self.parts.embed_ids(ids[:, :-1]).float()], dim=1)
+        with self._slot_patch(A):
+            out = self.lm(inputs_embeds=inputs.to(self.parts.embed.weight.dtype), use_cache=False,
+                          logits_to_keep=ids.shape[1])
+        return out.logits.float()

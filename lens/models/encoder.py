@@ -1,0 +1,46 @@
+"""Encoder: explanation -> reconstructed activation A_hat."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lens.config import EncoderConfig
+from lens.models.blocks import resolve, run_to_block
+from lens.models.decoder import identity_linear
+from lens.models.prompt import split_prompt
+
+
+class Encoder(nn.Module):
+    """Reads `[left prompt | explanation | right prompt | (token at p)]`, adds a learned vector at the last
+    position, stops after block `layer` and maps that block's last-position output through an affine read-out."""
+
+    def __init__(self, lm: nn.Module, tokenizer, cfg: EncoderConfig, layer: int):
+        super().__init__()
+        self.lm = lm
+        self.parts = resolve(lm)
+        self.layer = layer
+        self.use_current_token = cfg.use_current_token
+        d = self.parts.d_model
+        left, right = split_prompt(tokenizer, cfg.prompt, "<text>")
+        with torch.no_grad():
+            self.prompt_left = nn.Parameter(self.parts.embed_ids(left).float().clone())
+            self.prompt_right = nn.Parameter(self.parts.embed_ids(right).float().clone())
+        self.last = nn.Parameter(torch.zeros(d))
+        self.out = identity_linear(d)
+
+    def features(self, text_embeds: torch.Tensor, current_ids: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, d) explanation embeddings (T may be 0), (B,) ids of the token at p or None -> (B, d): block
+        `layer`'s output at the last position, before the read-out."""
+        B = text_embeds.shape[0]
+        pieces = [self.prompt_left.expand(B, -1, -1), text_embeds, self.prompt_right.expand(B, -1, -1)]
+        if current_ids is not None:
+            pieces.append(self.parts.embed_ids(current_ids).float().unsqueeze(1))
+        x = torch.cat(pieces, dim=1)
+        x = torch.cat([x[:, :-1], x[:, -1:] + self.last], dim=1)
+        hidden = run_to_block(self.parts, self.layer, inputs_embeds=x.to(self.parts.embed.weight.dtype))
+        return hidden[:, -1].float()
+
+    def forward(self, text_embeds: torch.Tensor, current_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) explanation embeddings -> (B, d) A_hat."""
+        return self.out(self.features(text_embeds, current_ids if self.use_current_token else None))

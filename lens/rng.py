@@ -1,0 +1,71 @@
+"""Counter-based randomness keyed by (seed, stream, sample index, ...).
+
+Every random choice that affects one sample (its position, its Gumbel noise, its sampled explanation) is a pure
+function of integer keys, computed on whatever device the tensors live on. So a sample gets the same randomness
+whichever rank processes it, in whichever batch, after however many restarts: results do not depend on the world
+size. The mixer is splitmix64's finaliser, done in int64 with masked (logical) right shifts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Streams keep independent uses of the same sample index apart.
+POSITION = 1
+GUMBEL = 2
+VAL_POSITION = 3
+PERMUTATION = 4
+RESAMPLE = 5
+
+_M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
+_M2 = -7723592293110705685  # 0x94D049BB133111EB as int64
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
+
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser: a bijective, well-mixed int64 -> int64 map."""
+    x = x * 1  # copy; int64 arithmetic wraps around
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def key(*parts: int | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Combine integer parts (ints or int64 tensors, broadcast together) into one int64 key tensor."""
+    k = torch.zeros((), dtype=torch.int64, device=device)
+    for part in parts:
+        part = torch.as_tensor(part, dtype=torch.int64, device=k.device if device is None else device)
+        k = mix(k + _GOLDEN + part)
+    return k
+
+
+def uniform(keys: torch.Tensor) -> torch.Tensor:
+    """A float32 strictly inside (0, 1) per key, from the top 23 bits of mix(key). (With 24 bits the largest value
+    rounds to 1.0 in float32 and its Gumbel noise becomes inf.)"""
+    bits = _shr(mix(keys), 41)
+    return (bits.to(torch.float32) + 0.5) / float(1 << 23)
+
+
+def gumbel(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise of shape (*keys.shape, n): one independent draw per key and per index in [0, n)."""
+    idx = torch.arange(n, dtype=torch.int64, device=keys.device)
+    u = uniform(mix(keys.unsqueeze(-1) + _GOLDEN) ^ idx)
+    return -torch.log(-torch.log(u))
+
+
+def randint(keys: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int) -> torch.Tensor:
+    """An integer in [low, high] (inclusive) per key."""
+    low = torch.as_tensor(low, device=keys.device)
+    span = torch.as_tensor(high, device=keys.device) - low + 1
+    return low + (uniform(keys) * span).floor().to(torch.int64).clamp(max=span - 1)
+
+
+def permutation(n: int, *parts: int) -> torch.Tensor:
+    """A permutation of range(n) determined by the key parts (argsort of keyed random numbers)."""
+    keys = key(*parts, torch.arange(n, dtype=torch.int64))
+    return torch.argsort(mix(keys))

@@ -1,0 +1,363 @@
+"""Storage: the only module that knows local paths from ``s3://`` URIs.
+
+Everything else names objects by *keys*: ``/``-separated paths relative to a root URI, such as
+``checkpoints/step-00000100/weights.safetensors``. :func:`open_storage` turns the root URI into a backend:
+
+* a local path (``runs/x``, ``/abs/runs/x`` or ``file:///abs/runs/x``) -> :class:`LocalStorage`;
+* ``s3://bucket/prefix`` -> :class:`S3Storage` (boto3, also any S3-compatible endpoint).
+
+Both backends keep one contract, so callers never branch on the scheme:
+
+* a write publishes a complete object or nothing: readers never see half an object, even after ``kill -9``;
+* a missing key on read raises ``FileNotFoundError`` naming the full URI;
+* "folders" exist only as key prefixes: ``list``/``list_dirs`` see a folder while it holds an object, and
+  ``delete``/``delete_prefix`` leave no empty folder behind;
+* deleting something that is not there is not an error (retries and garbage collection stay simple).
+
+Writes are not ordered across keys (S3 gives no such promise either): a caller that needs "all of these or none"
+writes a marker object last and treats objects without it as absent (see ``lens/train/checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+import os
+import re
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import BinaryIO
+
+from lens.errors import InputError
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# Local writes go to ".<name>.<random>.tmp" beside the target; a killed writer leaves one behind, never listed.
+_TMP_SUFFIX = ".tmp"
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
+    """Open the storage rooted at ``uri``: a local path, ``file://...`` or ``s3://bucket/prefix``.
+
+    ``endpoint_url`` selects an S3-compatible server (MinIO, moto, ...); without it boto3 reads
+    ``AWS_ENDPOINT_URL`` and its usual configuration. It is ignored for local paths.
+    """
+    match = _SCHEME.match(uri)
+    scheme = match.group(1).lower() if match else ""
+    if scheme == "":
+        return LocalStorage(uri)
+    if scheme == "file":
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise InputError(f"storage URI {uri!r} names host {parsed.netloc!r}; file:// URIs must be local")
+        return LocalStorage(urllib.request.url2pathname(parsed.path))
+    if scheme == "s3":
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise InputError(f"storage URI {uri!r} has no bucket; expected s3://bucket[/prefix]")
+        return S3Storage(bucket, prefix.strip("/"), _s3_client(endpoint_url))
+    raise InputError(f"storage URI {uri!r} has unsupported scheme {scheme!r}; expected a local path, file:// or s3://")
+
+
+def _check_key(key: str, *, allow_root: bool = False) -> str:
+    """Return ``key`` without surrounding slashes; refuse keys that could escape the root."""
+    stripped = key.strip("/")
+    if not stripped:
+        if allow_root:
+            return ""
+        raise ValueError(f"storage key {key!r} is empty; expected a path relative to the storage root")
+    parts = stripped.split("/")
+    if any(part in ("", ".", "..") for part in parts) or "\\" in stripped:
+        raise ValueError(f"storage key {key!r} is invalid; expected '/'-separated names without '.', '..' or '//'")
+    return stripped
+
+
+def _join(*parts: str) -> str:
+    return "/".join(part for part in parts if part)
+
+
+class Storage(abc.ABC):
+    """Objects under one root URI, addressed by ``/``-separated keys relative to it."""
+
+    @abc.abstractmethod
+    def uri(self, key: str = "") -> str:
+        """The full URI (or local path) of ``key``; ``uri()`` is the root itself."""
+
+    @abc.abstractmethod
+    def sub(self, prefix: str) -> Storage:
+        """The storage rooted at ``prefix`` under this root (nothing is created)."""
+
+    @abc.abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store ``data`` at ``key``, replacing any old object; the object is complete or absent."""
+
+    @abc.abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object at ``key``; ``FileNotFoundError`` naming its URI when there is none."""
+
+    @abc.abstractmethod
+    def write_file(self, key: str, local_path: str | os.PathLike) -> None:
+        """Store the local file ``local_path`` at ``key`` without holding it in memory; complete or absent."""
+
+    @abc.abstractmethod
+    def read_file(self, key: str, local_path: str | os.PathLike) -> None:
+        """Copy the object at ``key`` to ``local_path``, published atomically there; ``FileNotFoundError`` if none."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object (not a folder) is stored at ``key``."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys (relative to the root) of all objects under the folder ``prefix``, at any depth."""
+
+    @abc.abstractmethod
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Sorted names (one path component each) of the non-empty folders directly under ``prefix``."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key``; nothing happens if there is none."""
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under the folder ``prefix`` (which must not be the root). Not atomic."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri()!r})"
+
+
+class LocalStorage(Storage):
+    """A directory on a local (or mounted) file system."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.path.abspath(os.fspath(root))
+
+    def _path(self, key: str, *, allow_root: bool = False) -> str:
+        key = _check_key(key, allow_root=allow_root)
+        return os.path.join(self.root, *key.split("/")) if key else self.root
+
+    def uri(self, key: str = "") -> str:
+        return self._path(key, allow_root=True)
+
+    def sub(self, prefix: str) -> LocalStorage:
+        return LocalStorage(self._path(prefix))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        _publish(self._path(key), lambda f: f.write(data))
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise FileNotFoundError(f"no object at {path}") from None
+
+    def write_file(self, key: str, local_path: str | os.PathLike) -> None:
+        with open(local_path, "rb") as src:
+            _publish(self._path(key), lambda f: shutil.copyfileobj(src, f, 16 << 20))
+
+    def read_file(self, key: str, local_path: str | os.PathLike) -> None:
+        path = self._path(key)
+        try:
+            src = open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise FileNotFoundError(f"no object at {path}") from None
+        with src:
+            _publish(os.path.abspath(local_path), lambda f: shutil.copyfileobj(src, f, 16 << 20))
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = _check_key(prefix, allow_root=True)
+        top = self._path(prefix, allow_root=True)
+        keys = []
+        for directory, _, files in os.walk(top):
+            rel = os.path.relpath(directory, top)
+            rel = "" if rel == "." else rel.replace(os.sep, "/")
+            keys += [_join(prefix, rel, name) for name in files if not _TMP_NAME.match(name)]
+        return sorted(keys)
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        top = self._path(prefix, allow_root=True)
+        try:
+            entries = list(os.scandir(top))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        # A folder holding nothing (or only a killed writer's temp file) does not exist as far as S3 is concerned.
+        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) and _has_objects(e.path))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        _remove_if_present(path)
+        self._prune_empty_parents(os.path.dirname(path))
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+            self._prune_empty_parents(os.path.dirname(path))
+
+    def _prune_empty_parents(self, directory: str) -> None:
+        """Remove now-empty folders up to (not including) the root, as S3 would show no folder there."""
+        while directory.startswith(self.root + os.sep):
+            try:
+                os.rmdir(directory)
+            except OSError:  # not empty (or already gone): stop
+                return
+            directory = os.path.dirname(directory)
+
+
+def _publish(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write through ``write`` into a temp file beside ``path``, fsync it, then rename it over ``path``.
+
+    ``os.replace`` within one directory is atomic on POSIX, so ``path`` holds the old object or the whole new one,
+    whenever the writer dies. The directory is fsynced too, so the rename itself survives a power loss.
+    """
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_if_present(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _has_objects(directory: str) -> bool:
+    """Whether ``directory`` holds at least one object (at any depth), ignoring writers' temp files."""
+    for _, _, files in os.walk(directory):
+        if any(not _TMP_NAME.match(name) for name in files):
+            return True
+    return False
+
+
+def _remove_if_present(path: str) -> None:
+    try:
+        os.remove(path)
+    except (FileNotFoundError, IsADirectoryError):  # a folder is no object, as on S3
+        pass
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _s3_client(endpoint_url: str | None):
+    import boto3  # only S3 users need boto3
+    from botocore.config import Config
+
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    # Self-hosted S3 servers (MinIO, moto, s3rver) route requests by path, not by a bucket subdomain.
+    config = Config(s3={"addressing_style": "path"}) if endpoint_url else None
+    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+
+class S3Storage(Storage):
+    """Objects under ``s3://bucket/prefix``. An S3 PUT (single or multipart) is atomic: complete or absent."""
+
+    def __init__(self, bucket: str, prefix: str, client):
+        self.bucket, self.prefix, self.client = bucket, prefix, client
+
+    def _key(self, key: str, *, allow_root: bool = False) -> str:
+        return _join(self.prefix, _check_key(key, allow_root=allow_root))
+
+    def _folder(self, prefix: str) -> str:
+        """The S3 key prefix of a folder: ends with '/' unless it is the bucket root."""
+        folder = self._key(prefix, allow_root=True)
+        return folder + "/" if folder else ""
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{_join(self.bucket, self._key(key, allow_root=True))}"
+
+    def sub(self, prefix: str) -> S3Storage:
+        return S3Storage(self.bucket, self._key(prefix), self.client)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        # upload_fileobj switches to a multipart upload for large objects (a single PUT stops at 5 GB).
+        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"no object at {self.uri(key)}") from None
+
+    def write_file(self, key: str, local_path: str | os.PathLike) -> None:
+        self.client.upload_file(os.fspath(local_path), self.bucket, self._key(key))
+
+    def read_file(self, key: str, local_path: str | os.PathLike) -> None:
+        from botocore.exceptions import ClientError
+
+        local_path = os.path.abspath(local_path)
+        directory, name = os.path.split(local_path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=directory)
+        os.close(fd)
+        try:
+            self.client.download_file(self.bucket, self._key(key), tmp)
+            os.replace(tmp, local_path)
+        except ClientError as e:
+            _remove_if_present(tmp)
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise FileNotFoundError(f"no object at {self.uri(key)}") from None
+            raise
+        except BaseException:
+            _remove_if_present(tmp)
+            raise
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return False
+            raise
+        return True
+
+    def _pages(self, folder: str, **kwargs):
+        paginator = self.client.get_paginator("list_objects_v2")
+        return paginator.paginate(Bucket=self.bucket, Prefix=folder, **kwargs)
+
+    def list(self, prefix: str = "") -> list[str]:
+        folder = self._folder(prefix)
+        root = self._folder("")
+        keys = [obj["Key"] for page in self._pages(folder) for obj in page.get("Contents", [])]
+        return sorted(key[len(root) :] for key in keys)
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        folder = self._folder(prefix)
+        pages = self._pages(folder, Delimiter="/")
+        return sorted(p["Prefix"][len(folder) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", []))
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        folder = self._folder(_check_key(prefix))
+        keys = [obj["Key"] for page in self._pages(folder) for obj in page.get("Contents", [])]
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            response = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if response.get("Errors"):
+                first = response["Errors"][0]
+                raise OSError(
+                    f"could not delete {len(response['Errors'])} objects under {self.uri(prefix)}, "
+                    f"first s3://{self.bucket}/{first['Key']}: {first.get('Code')} {first.get('Message')}"
+                )

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random models of every supported family and a tokenizer trained in-process (offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Language models read text one token at a time. "
+        "A lens explains what a hidden activation holds. Paris is the capital of France. ") * 20
+FAMILIES = ("gpt2", "llama", "gemma2", "gemma3")
+D, LAYERS = 32, 4
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_lm(family: str, vocab_size: int, seed: int = 0):
+    """A tiny random causal LM of `family` with our tokenizer's vocabulary."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=LAYERS, n_embd=D, n_head=4, n_positions=256, **common)
+        lm = GPT2LMHeadModel(cfg)
+    elif family == "llama":
+        cfg = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, **common)
+        lm = LlamaForCausalLM(cfg)
+    elif family == "gemma2":  # sliding window shorter than the sequences, so both attention kinds are exercised
+        cfg = Gemma2Config(hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, sliding_window=8, max_position_embeddings=256,
+                           **common)
+        lm = Gemma2ForCausalLM(cfg)
+    elif family == "gemma3":
+        cfg = Gemma3TextConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, sliding_window=8, max_position_embeddings=256,
+                               layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2), **common)
+        lm = Gemma3ForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    assert sum(p.numel() for p in lm.parameters()) < 200_000, "tiny test models must stay tiny"
+    return lm.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def lm(family, tokenizer):
+    return make_lm(family, len(tokenizer))
+
+
+@pytest.fixture
+def contexts(tokenizer) -> torch.Tensor:
+    """(4, 24) real token ids starting with BOS."""
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    rows = [[tokenizer.bos_token_id] + ids[i * 23:(i + 1) * 23] for i in range(4)]
+    return torch.tensor(rows)
