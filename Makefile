@@ -29,9 +29,12 @@ tools: .tools/bin/helm
 test: venv tools
 	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
 
-# Placeholder: a short training run on the offline SmolLM2; to be replaced by the real demo.
+# The embedded default end to end on CPU: converts SmolLM2-135M once (cached), trains a lens with
+# `lens train conf/smollm2_135m.yaml` (resuming if runs/demo has checkpoints) and prints the held-out curve
+# next to the zero / mean / current-token-only baselines. DEMO_ARGS takes overrides, e.g. train.max_steps=20.
+DEMO_ARGS ?=
 demo: venv
-	$(OFFLINE) .venv/bin/lens train conf/smollm2_135m.yaml
+	$(OFFLINE) $(PY) scripts/smollm2_experiment.py run.dir=runs/demo $(DEMO_ARGS)
 
 # Converts SmolLM2-135M-Instruct once (cached in $$LENS_CACHE or ~/.cache/consistency-lens); prints its folder.
 model: venv

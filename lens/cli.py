@@ -27,8 +27,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lens.config import load_config
     from lens.train.loop import train
 
+    if not sys.stderr.isatty():  # logs and captured stderr: no "Loading weights" bars before a one-line error
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     cfg = load_config(args.config, args.overrides)
     train(cfg)
+    return 0
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from lens.config import load_config
+    from lens.data.dump import dump
+
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    cfg = load_config(args.config, args.overrides)
+    dump(cfg, args.index, args.count)  # a worker that finishes before the others exits 0 too: its work is done
     return 0
 
 
@@ -39,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. conf/smollm2_135m.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     p.set_defaults(fn=_cmd_train)
+    p = sub.add_parser("dump", help="capture activations into shards at data.activations; rerun to resume")
+    p.add_argument("config", help="YAML config, e.g. conf/smollm2_135m.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.shard_size=512")
+    p.add_argument("--index", type=int, default=None,
+                   help="this worker's index (default: $JOB_COMPLETION_INDEX, else 0)")
+    p.add_argument("--count", type=int, default=None,
+                   help="number of workers (default: $JOB_COMPLETION_COUNT, else 1)")
+    p.set_defaults(fn=_cmd_dump)
     return parser
 
 

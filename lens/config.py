@@ -65,9 +65,9 @@ class RunConfig:
     """Seeds everything: data order, positions, Gumbel noise, initialisation."""
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,51}[a-z0-9])?", self.name):
-            raise ConfigError("run.name", self.name, "lowercase letters, digits and '-', 1-53 characters "
-                              "(it names Kubernetes objects)")
+        if not re.fullmatch(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?", self.name):
+            raise ConfigError("run.name", self.name, "a name of lowercase letters, digits and '-' that starts with a "
+                              "letter, at most 52 characters (it names Kubernetes objects: a DNS-1035 label)")
 
 
 @dataclass
@@ -195,8 +195,10 @@ class SchedulesConfig:
     def __post_init__(self) -> None:
         for name in ("tau", "alpha", "entropy"):
             getattr(self, name).check(f"schedules.{name}")
-        if min(self.tau.start, self.tau.end if self.tau.end is not None else 1.0) <= 0:
-            raise ConfigError("schedules.tau", self.tau, "positive start and end temperatures")
+        for end in ("start", "end"):
+            value = getattr(self.tau, end)
+            if value is not None and value <= 0:
+                raise ConfigError(f"schedules.tau.{end}", value, "a positive Gumbel-softmax temperature")
 
 
 @dataclass
@@ -255,8 +257,6 @@ class TrainConfig:
     """Steps between held-out evaluations (0: only at the end)."""
     eval_samples: int = 256
     """Held-out activations per evaluation."""
-    compile: bool = False
-    """torch.compile the decoder and encoder."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "micro_batch_size", "checkpoint_every", "log_every", "eval_samples",
@@ -286,6 +286,10 @@ class DataConfig:
     """Capture activations inside training instead of reading a dump."""
     max_sequences: Optional[int] = None
     """Cap on sequences taken from the corpus (None: all)."""
+    shard_size: int = 1024
+    """`lens dump`: samples per activation shard (the unit of work, of skipping on rerun, and of reading)."""
+    dump_batch_size: int = 64
+    """`lens dump`: sequences per capture forward."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -294,6 +298,9 @@ class DataConfig:
             raise ConfigError("data.min_pos", self.min_pos, f"an integer in [0, data.seq_len={self.seq_len})")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("data.val_fraction", self.val_fraction, "a fraction in (0, 1)")
+        for name in ("shard_size", "dump_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}", getattr(self, name), "an integer >= 1")
 
 
 @dataclass

@@ -29,6 +29,8 @@ class Batch:
     """(B,) global sample indices: key every random choice of a sample."""
     A_prime: torch.Tensor | None = None
     """(B, d) activations from other contexts, for the resample ablation."""
+    prime_ids: torch.Tensor | None = None
+    """(B,) the token each A' sits on (the encoder's current token for A')."""
 
     def current_ids(self) -> torch.Tensor:
         return self.input_ids[torch.arange(len(self.positions), device=self.positions.device), self.positions]
@@ -88,7 +90,7 @@ def _straight_through(model: LensModel, batch: Batch, knobs: Knobs):
     if lw.resample_ablation:
         # A' keeps its own context's information; the lens must carry what A adds on top: A_hat + (A' - A_hat').
         ctx_keys = gumbel_keys(cfg.run.seed, batch.sample_ids, member=1)
-        _, A_hat_prime = reconstruct(model, batch.A_prime, batch.current_ids(), ctx_keys, knobs.tau)
+        _, A_hat_prime = reconstruct(model, batch.A_prime, batch.prime_ids, ctx_keys, knobs.tau)
         A_train = A_hat + (batch.A_prime - A_hat_prime)
 
     terms: dict[str, torch.Tensor] = {}

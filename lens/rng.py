@@ -36,18 +36,24 @@ def mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def key(*parts: int | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Combine integer parts (ints or int64 tensors, broadcast together) into one int64 key tensor."""
+    """Combine integer parts (ints or int64 tensors, broadcast together) into one int64 key tensor, on `device` or
+    else on the device of the tensor parts."""
+    if device is None:
+        device = next((p.device for p in parts if isinstance(p, torch.Tensor)), "cpu")
     k = torch.zeros((), dtype=torch.int64, device=device)
     for part in parts:
-        part = torch.as_tensor(part, dtype=torch.int64, device=k.device if device is None else device)
-        k = mix(k + _GOLDEN + part)
+        k = mix(k + _GOLDEN + torch.as_tensor(part, dtype=torch.int64, device=device))
     return k
 
 
 def uniform(keys: torch.Tensor) -> torch.Tensor:
     """A float32 strictly inside (0, 1) per key, from the top 23 bits of mix(key). (With 24 bits the largest value
     rounds to 1.0 in float32 and its Gumbel noise becomes inf.)"""
-    bits = _shr(mix(keys), 41)
+    return _unit(_shr(mix(keys), 41))
+
+
+def _unit(bits: torch.Tensor) -> torch.Tensor:
+    """23-bit integers -> float32 in (0, 1), both ends excluded."""
     return (bits.to(torch.float32) + 0.5) / float(1 << 23)
 
 

@@ -16,6 +16,11 @@ Both backends keep one contract, so callers never branch on the scheme:
 
 Writes are not ordered across keys (S3 gives no such promise either): a caller that needs "all of these or none"
 writes a marker object last and treats objects without it as absent (see ``lens/train/checkpoint.py``).
+
+S3 faults: every S3 operation is retried as a whole with exponential backoff (``S3_ATTEMPTS`` tries) on throttling,
+5xx and connection errors, on top of botocore's own per-request retries; an object is still complete or absent, so a
+retried write is safe. A missing bucket, denied access or bad credentials are ``InputError`` (exit 2) naming the
+bucket; ``Storage.check()`` finds them before any work is done.
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ import io
 import os
 import re
 import shutil
+import logging
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import BinaryIO
 
 from lens.errors import InputError
+
+log = logging.getLogger(__name__)
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Local writes go to ".<name>.<random>.tmp" beside the target; a killed writer leaves one behind, never listed.
@@ -125,6 +134,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object under the folder ``prefix`` (which must not be the root). Not atomic."""
+
+    def check(self) -> None:
+        """Raise ``InputError`` now if the root can never be used (S3: missing bucket, access denied, bad
+        credentials), so a job fails in its first second with one line instead of after hours of work."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri()!r})"
@@ -262,9 +275,66 @@ def _s3_client(endpoint_url: str | None):
     from botocore.config import Config
 
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-    # Self-hosted S3 servers (MinIO, moto, s3rver) route requests by path, not by a bucket subdomain.
-    config = Config(s3={"addressing_style": "path"}) if endpoint_url else None
+    # botocore's "standard" mode retries throttling, 5xx and connection errors per request with jittered backoff;
+    # the timeouts bound how long a hung server can stall one request before that retry kicks in.
+    config = Config(retries={"max_attempts": BOTO_ATTEMPTS, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    if endpoint_url:  # self-hosted S3 servers (MinIO, moto, s3rver) route requests by path, not by bucket subdomain
+        config = config.merge(Config(s3={"addressing_style": "path"}))
     return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+
+BOTO_ATTEMPTS = 5  # per request, inside botocore
+S3_ATTEMPTS = 6  # per whole operation, around botocore: rides out a server gone for ~30 s (connection refused)
+S3_BACKOFF = (0.5, 8.0)  # first and largest sleep between whole-operation attempts, seconds
+# Transfers above 64 MiB go multipart (a single PUT stops at 5 GB; parts also retry one by one).
+MULTIPART_BYTES = 64 << 20
+# Error codes that no retry can fix: the user must change the bucket, the credentials or the permissions.
+_INPUT_CODES = {
+    "NoSuchBucket": "does not exist",
+    "AccessDenied": "is not accessible with these credentials (access denied)",
+    "AllAccessDisabled": "is not accessible (all access disabled)",
+    "InvalidAccessKeyId": "rejected the credentials (invalid access key id)",
+    "SignatureDoesNotMatch": "rejected the credentials (wrong secret key)",
+    "ExpiredToken": "rejected the credentials (expired token)",
+    "InvalidToken": "rejected the credentials (invalid token)",
+}
+_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable"}
+
+
+def _error_code(e: BaseException) -> tuple[str, int]:
+    """(S3 error code, HTTP status) of a botocore ClientError, else ("", 0)."""
+    response = getattr(e, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", "")), int(response.get("ResponseMetadata", {}).get(
+        "HTTPStatusCode", 0) or 0)
+
+
+def _classify(e: BaseException) -> tuple[str, str]:
+    """("input", why) for errors the user must fix, ("retry", "") for transient ones, ("", "") for the rest."""
+    from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
+
+    if isinstance(e, NoCredentialsError):
+        return "input", "cannot be used: no AWS credentials found (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    if isinstance(e, ClientError):
+        code, status = _error_code(e)
+        if code in _INPUT_CODES:
+            return "input", _INPUT_CODES[code]
+        if status == 403:  # HEAD responses have no body, so no code: 403 is all we learn
+            return "input", "is not accessible with these credentials (access denied or invalid credentials)"
+        if code in _RETRY_CODES or status == 429 or status >= 500 or (code.isdigit() and int(code) >= 500):
+            return "retry", ""
+        return "", ""
+    if isinstance(e, (S3UploadFailedError, S3TransferFailedError)):
+        # The transfer manager folds the ClientError into its message: "... An error occurred (NoSuchBucket) ..."
+        text = str(e)
+        for code, why in _INPUT_CODES.items():
+            if f"({code})" in text:
+                return "input", why
+        return "retry", ""
+    if isinstance(e, (ConnectionError, HTTPClientError)):  # refused, reset, timed out, DNS: the server may come back
+        return "retry", ""
+    return "", ""
 
 
 class S3Storage(Storage):
@@ -272,6 +342,45 @@ class S3Storage(Storage):
 
     def __init__(self, bucket: str, prefix: str, client):
         self.bucket, self.prefix, self.client = bucket, prefix, client
+
+    def _call(self, what: str, fn: Callable):
+        """``fn()`` with whole-operation retries on transient faults; unfixable ones become ``InputError``.
+
+        ``what`` (e.g. ``"write s3://b/k"``) names the operation in the log line and the error."""
+        delay, longest = S3_BACKOFF
+        for attempt in range(1, S3_ATTEMPTS + 1):
+            try:
+                return fn()
+            except Exception as e:
+                kind, why = _classify(e)
+                if kind == "input":
+                    raise InputError(f"S3 bucket {self.bucket!r} {why} ({what})") from e
+                if kind != "retry" or attempt == S3_ATTEMPTS:
+                    raise
+                log.warning("S3 %s failed (%s: %s); retry %d/%d in %.1f s", what, type(e).__name__,
+                            str(e).splitlines()[0][:200], attempt, S3_ATTEMPTS - 1, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, longest)
+        raise AssertionError("unreachable")
+
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+
+    def check(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call(f"check {self.uri()}", lambda: self.client.head_bucket(Bucket=self.bucket))
+        except ClientError as e:  # HEAD responses carry no body: only the status says what went wrong
+            code, status = _error_code(e)
+            if code in ("404", "NoSuchBucket") or status == 404:
+                raise InputError(f"S3 bucket {self.bucket!r} does not exist ({self.uri()})") from None
+            if code in ("403", "AccessDenied") or status == 403:
+                raise InputError(f"S3 bucket {self.bucket!r} is not accessible with these credentials "
+                                 f"(access denied or invalid credentials; {self.uri()})") from None
+            raise
 
     def _key(self, key: str, *, allow_root: bool = False) -> str:
         return _join(self.prefix, _check_key(key, allow_root=allow_root))
@@ -288,17 +397,23 @@ class S3Storage(Storage):
         return S3Storage(self.bucket, self._key(prefix), self.client)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        # upload_fileobj switches to a multipart upload for large objects (a single PUT stops at 5 GB).
-        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key))
+        # upload_fileobj switches to a multipart upload for large objects (a single PUT stops at 5 GB); a fresh
+        # stream per attempt, since a failed attempt may have consumed the old one.
+        self._call(f"write {self.uri(key)}", lambda: self.client.upload_fileobj(
+            io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer_config()))
 
     def read_bytes(self, key: str) -> bytes:
-        try:
+        def read() -> bytes:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+        try:
+            return self._call(f"read {self.uri(key)}", read)
         except self.client.exceptions.NoSuchKey:
             raise FileNotFoundError(f"no object at {self.uri(key)}") from None
 
     def write_file(self, key: str, local_path: str | os.PathLike) -> None:
-        self.client.upload_file(os.fspath(local_path), self.bucket, self._key(key))
+        self._call(f"write {self.uri(key)}", lambda: self.client.upload_file(
+            os.fspath(local_path), self.bucket, self._key(key), Config=self._transfer_config()))
 
     def read_file(self, key: str, local_path: str | os.PathLike) -> None:
         from botocore.exceptions import ClientError
@@ -309,11 +424,12 @@ class S3Storage(Storage):
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=directory)
         os.close(fd)
         try:
-            self.client.download_file(self.bucket, self._key(key), tmp)
+            self._call(f"read {self.uri(key)}", lambda: self.client.download_file(
+                self.bucket, self._key(key), tmp, Config=self._transfer_config()))
             os.replace(tmp, local_path)
         except ClientError as e:
             _remove_if_present(tmp)
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            if _error_code(e)[0] in ("404", "NoSuchKey"):
                 raise FileNotFoundError(f"no object at {self.uri(key)}") from None
             raise
         except BaseException:
@@ -324,37 +440,44 @@ class S3Storage(Storage):
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._call(f"stat {self.uri(key)}", lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            if _error_code(e)[0] in ("404", "NoSuchKey"):
                 return False
             raise
         return True
 
-    def _pages(self, folder: str, **kwargs):
-        paginator = self.client.get_paginator("list_objects_v2")
-        return paginator.paginate(Bucket=self.bucket, Prefix=folder, **kwargs)
+    def _objects(self, folder: str, what: str, **kwargs) -> list[dict]:
+        """All list_objects_v2 pages under ``folder`` (key prefix), listed again from the start on a fault."""
+        def pages() -> list[dict]:
+            paginator = self.client.get_paginator("list_objects_v2")
+            return list(paginator.paginate(Bucket=self.bucket, Prefix=folder, **kwargs))
+
+        return self._call(what, pages)
 
     def list(self, prefix: str = "") -> list[str]:
         folder = self._folder(prefix)
         root = self._folder("")
-        keys = [obj["Key"] for page in self._pages(folder) for obj in page.get("Contents", [])]
+        pages = self._objects(folder, f"list {self.uri(prefix)}")
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
         return sorted(key[len(root) :] for key in keys)
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         folder = self._folder(prefix)
-        pages = self._pages(folder, Delimiter="/")
+        pages = self._objects(folder, f"list {self.uri(prefix)}", Delimiter="/")
         return sorted(p["Prefix"][len(folder) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", []))
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        self._call(f"delete {self.uri(key)}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
     def delete_prefix(self, prefix: str) -> None:
         folder = self._folder(_check_key(prefix))
-        keys = [obj["Key"] for page in self._pages(folder) for obj in page.get("Contents", [])]
+        pages = self._objects(folder, f"list {self.uri(prefix)}")
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": key} for key in keys[start : start + 1000]]
-            response = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            response = self._call(f"delete under {self.uri(prefix)}", lambda: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
             if response.get("Errors"):
                 first = response["Errors"][0]
                 raise OSError(

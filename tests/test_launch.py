@@ -58,10 +58,9 @@ def test_chart_values_merge_the_cluster_shape_but_not_over_the_run(config_paths)
         chart_values(cfg, {"run": {"name": "another-run"}})
 
 
-def test_chart_values_refuse_a_run_name_kubernetes_cannot_use(config_paths):
-    cfg = load_config(config_paths["smollm2_135m"], ["run.name=9lives"])
-    with pytest.raises(ConfigError, match="run.name"):
-        chart_values(cfg)
+def test_config_refuses_a_run_name_kubernetes_cannot_use(config_paths):
+    with pytest.raises(ConfigError, match="run.name.*DNS-1035"):
+        load_config(config_paths["smollm2_135m"], ["run.name=9lives"])
 
 
 # --- scripts/launch.py ---------------------------------------------------------------------------------------------

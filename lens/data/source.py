@@ -46,17 +46,45 @@ def split_for_rank(global_ids: torch.Tensor, rank: int, world: int) -> torch.Ten
     return global_ids[start: start + base + (rank < extra)]
 
 
+class EpochOrder:
+    """Which training sequence each global sample index reads: entry g % N of epoch g // N's seeded permutation.
+    Shared by the on-the-fly and the dumped sources, so both walk the data in the same order."""
+
+    def __init__(self, n_train: int, seed: int):
+        self.n_train, self.seed = n_train, seed
+        self._perms: dict[int, torch.Tensor] = {}  # epoch -> permutation; a batch spans at most a few epochs
+
+    def rows(self, global_ids: torch.Tensor) -> torch.Tensor:
+        """(n,) global sample indices -> (n,) training sequence indices. A batch may straddle epochs."""
+        epochs, index = global_ids // self.n_train, global_ids % self.n_train
+        rows = torch.empty_like(global_ids)
+        for e in epochs.unique().tolist():
+            here = epochs == e
+            rows[here] = self._permutation(e)[index[here]]
+        return rows
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # training moves forward: keep only the newest epochs
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = rng.permutation(self.n_train, self.seed, rng.PERMUTATION, epoch)
+        return self._perms[epoch]
+
+
 class OnTheFlySource:
     """Token ids and explained positions of global samples, read from a tokenised corpus."""
 
     def __init__(self, corpus: Corpus, seed: int, min_pos: int):
         self.corpus, self.seed, self.min_pos = corpus, seed, min_pos
         position_range(corpus.first, corpus.seq_len, min_pos)  # a bad min_pos fails now, not at the first batch
-        self._perms: dict[int, torch.Tensor] = {}  # epoch -> permutation; a batch spans at most a few epochs
+        self.order = EpochOrder(len(corpus.train), seed)
 
     @property
     def n_train(self) -> int:
         return len(self.corpus.train)
+
+    def close(self) -> None:
+        """Nothing to release (the dumped source stops its prefetch threads here)."""
 
     def steps_per_epoch(self, global_batch: int) -> int:
         """Optimizer steps per pass over the training set: ceil(N / global_batch)."""
@@ -65,11 +93,7 @@ class OnTheFlySource:
     def lookup(self, global_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples by global index: input_ids LongTensor (n, seq_len) and positions LongTensor (n,).
         The batch may straddle epochs."""
-        epochs, index = global_ids // self.n_train, global_ids % self.n_train
-        seq = torch.empty_like(global_ids)
-        for e in epochs.unique().tolist():
-            here = epochs == e
-            seq[here] = self._permutation(e)[index[here]]
+        seq = self.order.rows(global_ids)
         keys = rng.key(self.seed, rng.POSITION, global_ids)
         positions = sample_positions(keys, self.corpus.first, self.corpus.seq_len, self.min_pos)
         return self.corpus.train[seq], positions
@@ -81,10 +105,3 @@ class OnTheFlySource:
         keys = rng.key(self.seed, rng.VAL_POSITION, j)
         positions = sample_positions(keys, self.corpus.first, self.corpus.seq_len, self.min_pos)
         return self.corpus.val[j % len(self.corpus.val)], positions
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # training moves forward: keep only the newest epochs
-                del self._perms[min(self._perms)]
-            self._perms[epoch] = rng.permutation(self.n_train, self.seed, rng.PERMUTATION, epoch)
-        return self._perms[epoch]

@@ -5,7 +5,6 @@ comes from the chart's defaults and the user's values files, passed here as `ove
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any
 
 import yaml
@@ -21,9 +20,6 @@ _DERIVED = ("run", "config")
 def chart_values(cfg: LensConfig, overrides: dict | None = None) -> dict:
     """Chart values for a validated config. `overrides` (parsed values files) are deep-merged on top, except the
     run name and the config text, which always come from `cfg`."""
-    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", cfg.run.name) or len(cfg.run.name) > 52:
-        raise ConfigError("run.name", cfg.run.name, "a name starting with a letter, at most 52 characters, when "
-                          "launched on Kubernetes (it names the PyTorchJob, a DNS-1035 label)")
     derived: dict[str, Any] = {
         "run": {"name": cfg.run.name},
         "config": to_yaml(cfg),

@@ -7,6 +7,7 @@ logits). This is what makes GPT-2, Llama, Gemma-2 and Gemma-3 one code path.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -27,6 +28,8 @@ class LMParts:
     lm_head: nn.Module
     embed_scale: float
     """Factor the embedding module applies to weight rows (Gemma: sqrt(d)); 1.0 for most models."""
+    cache_kwarg: str
+    """Name of the forward's KV-cache argument (`cache` in recent transformers, `past_key_values` before)."""
 
     @property
     def n_layers(self) -> int:
@@ -63,8 +66,10 @@ def resolve(lm: nn.Module) -> LMParts:
         if isinstance(node, nn.ModuleList):
             embed = lm.get_input_embeddings()
             scale = getattr(embed, "embed_scale", None)
+            params = inspect.signature(lm.forward).parameters
             return LMParts(lm=lm, blocks=node, embed=embed, lm_head=lm.get_output_embeddings(),
-                           embed_scale=1.0 if scale is None else float(scale))
+                           embed_scale=1.0 if scale is None else float(scale),
+                           cache_kwarg="cache" if "cache" in params else "past_key_values")
     raise NotImplementedError(f"cannot find the decoder blocks of {type(lm).__name__}; looked for "
                               f"{', '.join(_BLOCK_LISTS)}")
 

@@ -47,7 +47,7 @@ class Decoder(nn.Module):
         self.lm = lm
         self.parts = resolve(lm)
         d = self.parts.d_model
-        left, right = split_prompt(tokenizer, cfg.prompt, "<embed>")
+        left, right = (ids.to(self.parts.embed.weight.device) for ids in split_prompt(tokenizer, cfg.prompt, "<embed>"))
         with torch.no_grad():
             self.prompt_left = nn.Parameter(self.parts.embed_ids(left).float().clone())  # (P_l, d)
             self.prompt_right = nn.Parameter(self.parts.embed_ids(right).float().clone())  # (P_r, d)
@@ -79,8 +79,8 @@ class Decoder(nn.Module):
     def _forward(self, A: torch.Tensor, embeds: torch.Tensor, cache, with_slot: bool) -> torch.Tensor:
         """Run the LM on `embeds` (patching the slot when this pass holds it); fp32 logits of the last position."""
         with self._slot_patch(A) if with_slot else nullcontext():
-            out = self.lm(inputs_embeds=embeds.to(self.parts.embed.weight.dtype), cache=cache,
-                          use_cache=cache is not None, logits_to_keep=1)
+            out = self.lm(inputs_embeds=embeds.to(self.parts.embed.weight.dtype), use_cache=cache is not None,
+                          logits_to_keep=1, **{self.parts.cache_kwarg: cache})
         return out.logits[:, -1].float()
 
     def generate(self, A: torch.Tensor, t_text: int, keys: torch.Tensor, *, tau: float = 1.0, hard: bool = False,

@@ -22,7 +22,7 @@ class Encoder(nn.Module):
         self.layer = layer
         self.use_current_token = cfg.use_current_token
         d = self.parts.d_model
-        left, right = split_prompt(tokenizer, cfg.prompt, "<text>")
+        left, right = (ids.to(self.parts.embed.weight.device) for ids in split_prompt(tokenizer, cfg.prompt, "<text>"))
         with torch.no_grad():
             self.prompt_left = nn.Parameter(self.parts.embed_ids(left).float().clone())
             self.prompt_right = nn.Parameter(self.parts.embed_ids(right).float().clone())

@@ -24,13 +24,13 @@ class Orig:
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor, layer: int, positions: torch.Tensor) -> torch.Tensor:
-        """A = output of block `layer` at positions[b] of row b: (B, S) ids, (B,) positions -> (B, d).
+        """A = output of block `layer` at positions[b] of row b: (B, S) ids, (B,) positions -> (B, d) in fp32.
 
         Tokens after the last position cannot influence it (causal attention), so they are cut off, and the
         forward stops after block `layer`."""
         ctx = input_ids[:, : int(positions.max()) + 1]
         hidden = run_to_block(self.parts, layer, input_ids=ctx)
-        return hidden[torch.arange(len(positions), device=positions.device), positions]
+        return hidden[torch.arange(len(positions), device=positions.device), positions].float()
 
     def patched_logits(self, input_ids: torch.Tensor, layer: int, positions: torch.Tensor,
                        new_acts: torch.Tensor | None) -> torch.Tensor:

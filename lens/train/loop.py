@@ -17,6 +17,7 @@ import torch
 from lens import config as lens_config
 from lens.config import LensConfig
 from lens.data.corpus import Corpus
+from lens.data.shards import ShardSource
 from lens.data.source import OnTheFlySource, SampleCursor, split_for_rank
 from lens.errors import InputError
 from lens.evaluate import evaluate
@@ -84,19 +85,24 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist.init()
         self.device = self.dist.device
+        if self.dist.world > cfg.train.batch_size:
+            raise InputError(f"config error: train.batch_size={cfg.train.batch_size} is invalid; expected at least "
+                             f"the number of processes ({self.dist.world}), so every rank has samples")
         lm, self.tokenizer = load_model(cfg.model.name, _dtype(cfg.model.dtype))
         lm.to(self.device)
         orig = Orig(lm)
         lens_config.check_against_model(cfg, orig.parts.n_layers, orig.parts.d_model)  # before the slow parts
-        self.corpus = Corpus.build(cfg.data, self.tokenizer)
-        self.source = OnTheFlySource(self.corpus, cfg.run.seed, cfg.data.min_pos)
+        if cfg.data.on_the_fly:
+            self.source = OnTheFlySource(Corpus.build(cfg.data, self.tokenizer), cfg.run.seed, cfg.data.min_pos)
+        else:  # activations dumped by `lens dump`; the manifest is checked against this config
+            self.source = ShardSource.from_config(cfg, d_model=orig.parts.d_model)
         self.steps_per_epoch = self.source.steps_per_epoch(cfg.train.batch_size)
         self.cursor = SampleCursor()
         self.step = 0
 
         # The scale of the first training activations sets the decoder projection's initial gain.
-        probe_ids, probe_pos = self.source.lookup(torch.arange(min(64, self.source.n_train)))
-        probe = orig.capture(probe_ids.to(self.device), cfg.model.layer, probe_pos.to(self.device))
+        self.orig = orig
+        probe = self._batch(torch.arange(min(64, self.source.n_train))).A
         self.model = LensModel(cfg, lm, self.tokenizer, act_scale=activation_scale(orig, probe)).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.params = list(self.model.trainable_parameters().values())
@@ -131,19 +137,25 @@ class Trainer:
         dist.barrier()
 
     # ------------------------------------------------------------------------------------------------ data
-    def _batch(self, global_ids: torch.Tensor) -> Batch:
-        ids, positions = self.source.lookup(global_ids)
-        ids, positions = ids.to(self.device), positions.to(self.device)
-        A = self.model.orig.capture(ids, self.cfg.model.layer, positions)
-        return Batch(ids, positions, A, global_ids.to(self.device))
+    def _batch(self, global_ids: torch.Tensor, held_out: bool = False) -> Batch:
+        """The samples with these global ids (held out: the first n of the validation split), on the device, with
+        their activations: read from the dump, or captured now."""
+        fetched = self.source.val_batch(len(global_ids)) if held_out else self.source.lookup(global_ids)
+        ids, positions, *acts = (t.to(self.device) if t is not None else None for t in fetched)
+        A, A_prime = acts if acts else (None, None)
+        if A is None:
+            A = self.orig.capture(ids, self.cfg.model.layer, positions)
+        prime_ids = None
+        if A_prime is not None and self.cfg.loss.resample_ablation and not held_out:
+            ctx, pos = self.source.lookup_prime(global_ids)
+            prime_ids = ctx[torch.arange(len(pos)), pos].to(self.device)
+        return Batch(ids, positions, A.float(), global_ids.to(self.device),
+                     None if A_prime is None else A_prime.float(), prime_ids)
 
     def _eval_sets(self) -> tuple[Batch, Batch]:
         """Held-out activations (validation split) and as many training ones for the baselines' fits."""
         n = self.cfg.train.eval_samples
-        ids, positions = self.source.val_batch(n)
-        ids, positions = ids.to(self.device), positions.to(self.device)
-        held_out = Batch(ids, positions, self.model.orig.capture(ids, self.cfg.model.layer, positions),
-                         -1 - torch.arange(n, device=self.device))  # negative ids: keys apart from training ones
+        held_out = self._batch(-1 - torch.arange(n), held_out=True)  # negative ids: keys apart from training ones
         fit = self._batch(torch.arange(min(n, self.source.n_train)))
         return held_out, fit
 
@@ -233,6 +245,7 @@ class Trainer:
         if self.dist.is_main:
             self.tracker.summary({f"eval/{k}": v for k, v in metrics.items()})
         self.tracker.finish()
+        self.source.close()
         return metrics
 
 
@@ -258,9 +271,8 @@ def _local_dir(run_dir: str) -> str:
 
 def train(cfg: LensConfig) -> dict:
     """Train (or continue training) the lens described by `cfg`; returns the final held-out metrics."""
-    trainer = Trainer(cfg)
     try:
-        return trainer.fit()
+        return Trainer(cfg).fit()
     finally:
         dist.shutdown()
 

@@ -1,0 +1,512 @@
+"""The activation dump and its reader against a real S3 server on loopback (a `moto_server` process of our own).
+
+Real `lens dump` processes with a tiny Llama: a reference dump, then a dump SIGKILLed midway and rerun, two worker
+indexes as separate processes, and a dump whose S3 server is frozen (SIGSTOP) for a few seconds; each must produce
+exactly the reference's objects, byte for byte. Plus the exit-2 cases and `ShardSource` reading the dump.
+The server is frozen rather than killed because moto keeps its buckets in memory: a restarted one would be empty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+import yaml
+from safetensors.torch import load as load_safetensors
+
+from conftest import make_lm
+from test_train import make_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+N_SEQ, SHARD = 60, 8  # 57 train sequences -> 8 shards (the last one partial), 3 val sequences -> 1 shard
+N_SHARDS = 9
+
+SLOW = textwrap.dedent("""
+    # `lens dump`, but each shard write is followed by a pause, so a test can act between two shards.
+    import os, sys, time
+    import lens.data.dump as dump
+    write = dump.write_shard
+    def slow_write(*args, **kwargs):
+        write(*args, **kwargs)
+        time.sleep(float(os.environ["SHARD_PAUSE"]))
+    dump.write_shard = slow_write
+    from lens.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """A moto_server process on 127.0.0.1; yields {"endpoint", "proc"}."""
+    port = _free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "moto_server did not start"
+            time.sleep(0.1)
+    yield {"endpoint": f"http://127.0.0.1:{port}", "proc": proc}
+    proc.send_signal(signal.SIGCONT)  # in case a failed test left it frozen
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer, moto):
+    root = tmp_path_factory.mktemp("dump")
+    model_dir = root / "tiny-llama"
+    make_lm("llama", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = root / "corpus.txt"
+    corpus.write_text(make_corpus())
+    cfg = {
+        "run": {"name": "tiny-dump", "dir": str(root / "unused"), "seed": 3},
+        "model": {"name": str(model_dir), "layer": 1},
+        "loss": {"resample_ablation": True},
+        "data": {"corpus": str(corpus), "seq_len": 16, "max_sequences": N_SEQ, "on_the_fly": False,
+                 "activations": "s3://unset/unset", "shard_size": SHARD, "dump_batch_size": 4},
+        "wandb": {"mode": "disabled"},
+    }
+    config = root / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    (root / "slow_dump.py").write_text(SLOW)
+    env = {**os.environ, "LENS_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto["endpoint"],
+           "AWS_CONFIG_FILE": str(root / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "none"),
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    env.pop("AWS_PROFILE", None)
+    s3 = boto3.client("s3", endpoint_url=moto["endpoint"], region_name="us-east-1", aws_access_key_id="test",
+                      aws_secret_access_key="test")
+    s3.create_bucket(Bucket="acts")
+    return {"root": root, "config": config, "env": env, "s3": s3, "moto": moto, "model_dir": model_dir,
+            "corpus": corpus}
+
+
+def dump_cmd(world, prefix: str, *extra: str, slow: bool = False) -> list[str]:
+    head = [sys.executable, str(world["root"] / "slow_dump.py")] if slow else [sys.executable, "-m", "lens"]
+    return head + ["dump", str(world["config"]), f"data.activations=s3://acts/{prefix}", *extra]
+
+
+def run_dump(world, prefix: str, *extra: str, pause: float | None = None, timeout: float = 300):
+    env = {**world["env"], "SHARD_PAUSE": str(pause or 0)}
+    return subprocess.run(dump_cmd(world, prefix, *extra, slow=pause is not None), cwd=world["root"], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_dump(world, prefix: str, *extra: str, pause: float | None = None) -> subprocess.Popen:
+    env = {**world["env"], "SHARD_PAUSE": str(pause or 0)}
+    return subprocess.Popen(dump_cmd(world, prefix, *extra, slow=pause is not None), cwd=world["root"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def objects(world, prefix: str) -> dict[str, bytes]:
+    """Every object under s3://acts/<prefix>/ by its key relative to the prefix."""
+    s3 = world["s3"]
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="acts", Prefix=prefix + "/")
+            for o in page.get("Contents", [])]
+    return {k[len(prefix) + 1:]: s3.get_object(Bucket="acts", Key=k)["Body"].read() for k in keys}
+
+
+def shards_of(world, prefix: str) -> list[str]:
+    return [k for k in objects(world, prefix) if "shard-" in k]
+
+
+def wait_for_shards(world, prefix: str, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while len(shards_of(world, prefix)) < n:
+        assert proc.poll() is None, f"dump ended early: {proc.communicate()}"
+        assert time.time() < deadline, "no shard appeared"
+        time.sleep(0.05)
+
+
+def ok(proc) -> None:
+    out, err = (proc.stdout, proc.stderr) if isinstance(proc, subprocess.CompletedProcess) else proc.communicate()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    """One uninterrupted single-process dump; its objects."""
+    proc = run_dump(world, "ref")
+    ok(proc)
+    return objects(world, "ref")
+
+
+# ------------------------------------------------------------------------------------------------ the dump itself
+
+
+def test_dump_writes_every_shard_and_the_manifest(world, reference, tokenizer):
+    import json
+
+    manifest = json.loads(reference["manifest.json"])
+    assert manifest["splits"] == {"train": {"count": 57, "shards": 8}, "val": {"count": 3, "shards": 1}}
+    assert (manifest["d_model"], manifest["layer"], manifest["seq_len"], manifest["dtype"]) == (32, 1, 16, "float32")
+    assert sorted(reference) == sorted(["manifest.json", "plan.json"]
+                                       + [f"train/shard-{i:05d}.safetensors" for i in range(8)]
+                                       + ["val/shard-00000.safetensors"])
+    last = load_safetensors(reference["train/shard-00007.safetensors"])
+    assert last["A"].shape == (1, 32) and last["A_prime"].shape == (1, 32)  # the final partial shard is written
+    # A is block 1's output at token_pos, as a full forward with output_hidden_states computes it.
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(world["model_dir"]).eval()
+    first = load_safetensors(reference["train/shard-00000.safetensors"])
+    with torch.no_grad():
+        for name, ids, pos in (("A", "input_ids", "token_pos"), ("A_prime", "input_ids_prime", "token_pos_prime")):
+            hidden = lm(input_ids=first[ids], output_hidden_states=True).hidden_states[2]
+            want = hidden[torch.arange(SHARD), first[pos]]
+            torch.testing.assert_close(first[name], want, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(first["input_ids"], first["input_ids_prime"])  # A' comes from other contexts
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_gives_the_same_dataset(world, reference):
+    proc = start_dump(world, "killed", pause=0.5)
+    wait_for_shards(world, "killed", 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    before = objects(world, "killed")
+    assert "manifest.json" not in before and 2 <= len(shards_of(world, "killed")) < N_SHARDS
+    rerun = run_dump(world, "killed")
+    ok(rerun)
+    assert rerun.stdout.count("exists, skipped") >= 2
+    after = objects(world, "killed")
+    for key, data in before.items():  # finished shards were skipped, not rewritten (same bytes anyway)
+        assert after[key] == data
+    assert after == reference
+
+
+@pytest.mark.slow
+def test_two_indexes_in_separate_processes_form_one_dataset(world, reference):
+    procs = [start_dump(world, "split", f"--index={i}", "--count=2") for i in (0, 1)]
+    for p in procs:
+        ok(p)
+    assert objects(world, "split") == reference
+
+
+@pytest.mark.slow
+def test_s3_server_frozen_mid_dump_then_back(world, reference):
+    moto = world["moto"]["proc"]
+    proc = start_dump(world, "frozen", pause=0.3)
+    wait_for_shards(world, "frozen", 1, proc)
+    moto.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(4)
+        assert proc.poll() is None  # waiting on the server, not failed
+    finally:
+        moto.send_signal(signal.SIGCONT)
+    ok(proc)
+    assert objects(world, "frozen") == reference
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 server. `down()` closes it and every open connection (clients
+    then see connection refused / reset, as when a server restarts); `up()` listens again on the same port."""
+
+    def __init__(self, target_port: int):
+        self.port, self.target, self.conns = _free_port(), target_port, []
+        self.up()
+
+    def up(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.sock,), daemon=True).start()
+
+    def down(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() below
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self.conns = []
+
+    def _accept(self, sock) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for c in (a, b):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.mark.slow
+def test_s3_connections_refused_mid_dump_then_back(world, reference):
+    proxy = Proxy(int(world["moto"]["endpoint"].rsplit(":", 1)[1]))
+    world = {**world, "env": {**world["env"], "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}}
+    proc = start_dump(world, "refused", pause=0.3)
+    wait_for_shards(world, "refused", 1, proc)
+    proxy.down()
+    try:
+        time.sleep(4)
+        assert proc.poll() is None  # retrying, not failed
+    finally:
+        proxy.up()
+    ok(proc)
+    assert objects(world, "refused") == reference
+    proxy.down()
+
+
+def test_rerun_of_a_complete_dump_writes_nothing(world, reference):
+    proc = run_dump(world, "ref")
+    ok(proc)
+    assert "already complete" in proc.stdout
+    assert objects(world, "ref") == reference
+
+
+def test_a_target_holding_another_dump_exits_2_and_keeps_it(world, reference):
+    proc = run_dump(world, "ref", "model.layer=0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "describes another dump" in last and "layer" in last
+    assert objects(world, "ref") == reference
+
+
+def test_a_missing_bucket_exits_2_naming_it(world):
+    proc = subprocess.run(dump_cmd(world, "x")[:-1] + ["data.activations=s3://no-such-bucket/x"], cwd=world["root"],
+                          env=world["env"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "'no-such-bucket' does not exist" in proc.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+@pytest.fixture
+def s3_env(world, monkeypatch):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+              "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "LENS_CACHE"):
+        monkeypatch.setenv(k, world["env"][k])
+
+
+def open_ref(world, **overrides):
+    from lens.data.shards import ShardSource
+
+    kw = dict(model=str(world["model_dir"]), layer=1, d_model=32, seq_len=16, seed=3, resample_ablation=True)
+    return ShardSource.open("s3://acts/ref", **(kw | overrides))
+
+
+def test_shard_source_follows_the_on_the_fly_order(world, reference, s3_env, tokenizer):
+    from lens.config import DataConfig
+    from lens.data.corpus import Corpus
+    from lens.data.source import OnTheFlySource, SampleCursor, split_for_rank
+
+    source = open_ref(world, cache_shards=2)
+    corpus = Corpus.build(DataConfig(corpus=str(world["corpus"]), seq_len=16, max_sequences=N_SEQ), tokenizer)
+    fly = OnTheFlySource(corpus, seed=3, min_pos=4)
+    assert source.n_train == fly.n_train == 57 and source.steps_per_epoch(10) == 6
+    cursor = SampleCursor()
+    seen = []
+    for _ in range(14):  # two epochs and a bit, in batches of 10 split over 3 ranks
+        batch = cursor.take(10)
+        for rank in range(3):
+            ids = split_for_rank(batch, rank, 3)
+            input_ids, pos, A, A_prime = source.lookup(ids)
+            assert torch.equal(input_ids, fly.lookup(ids)[0])
+            assert A.shape == A_prime.shape == (len(ids), 32) and pos.shape == (len(ids),)
+            seen.append(input_ids)
+    seen = torch.cat(seen)
+    # Each epoch visits every training sequence once (the 57 rows are distinct in this corpus).
+    assert len({tuple(r) for r in seen[:57].tolist()}) == 57
+    ids, pos, A, A_prime = source.val_batch(5)
+    assert torch.equal(ids, corpus.val[torch.arange(5) % 3])
+    source.close()
+    open_ref(world, corpus_fingerprint=corpus.fingerprint).close()  # the same corpus passes the check
+
+
+def test_shard_source_refuses_a_dump_of_another_run(world, reference, s3_env):
+    from lens.errors import InputError
+
+    with pytest.raises(InputError, match="model.layer is 0 but the dump has layer=1"):
+        open_ref(world, layer=0)
+    with pytest.raises(InputError, match="data.seq_len is 32"):
+        open_ref(world, seq_len=32)
+    with pytest.raises(InputError, match="made from another corpus"):
+        open_ref(world, corpus_fingerprint="0123")
+    with pytest.raises(InputError, match="d_model"):
+        open_ref(world, d_model=64)
+    with pytest.raises(InputError, match="s3://acts/nothing-here/manifest.json is missing"):
+        from lens.data.shards import ShardSource
+
+        ShardSource.open("s3://acts/nothing-here", model="m", layer=1, d_model=32, seq_len=16, seed=3)
+
+
+def test_a_corrupt_shard_is_named(world, reference, s3_env):
+    from lens.errors import InputError
+
+    for key, data in reference.items():
+        if key == "train/shard-00003.safetensors":
+            data = data[: len(data) // 2]  # a truncated object
+        world["s3"].put_object(Bucket="acts", Key=f"corrupt/{key}", Body=data)
+    from lens.data.shards import ShardSource
+
+    source = ShardSource.open("s3://acts/corrupt", model=str(world["model_dir"]), layer=1, d_model=32, seq_len=16,
+                              seed=3)
+    with pytest.raises(InputError, match="activation shard s3://acts/corrupt/train/shard-00003.safetensors is "
+                                         "corrupt"):
+        source.lookup(torch.arange(57))
+    world["s3"].delete_object(Bucket="acts", Key="corrupt/train/shard-00003.safetensors")
+    source = ShardSource.open("s3://acts/corrupt", model=str(world["model_dir"]), layer=1, d_model=32, seq_len=16,
+                              seed=3, prefetch=False)
+    with pytest.raises(InputError, match="shard s3://acts/corrupt/train/shard-00003.safetensors is missing"):
+        source.lookup(torch.arange(57))
+
+
+# ------------------------------------------------------------------------------------------------ storage errors
+
+
+def test_s3_storage_names_a_missing_bucket(world, s3_env):
+    from lens.errors import InputError
+    from lens.storage import open_storage
+
+    storage = open_storage("s3://no-such-bucket/p")
+    with pytest.raises(InputError, match="'no-such-bucket' does not exist"):
+        storage.check()
+    with pytest.raises(InputError, match="'no-such-bucket' does not exist"):
+        storage.write_bytes("k", b"x")
+
+
+def test_s3_operations_retry_until_the_server_is_back(world, s3_env, monkeypatch, caplog):
+    """The whole-operation retry alone (botocore's per-request retries off) rides out refused connections."""
+    import lens.storage
+    from lens.storage import open_storage
+
+    monkeypatch.setattr(lens.storage, "BOTO_ATTEMPTS", 1)
+    monkeypatch.setattr(lens.storage, "S3_BACKOFF", (0.2, 1.0))
+    proxy = Proxy(int(world["moto"]["endpoint"].rsplit(":", 1)[1]))
+    storage = open_storage("s3://acts/retry", endpoint_url=f"http://127.0.0.1:{proxy.port}")
+    storage.write_bytes("a", b"before")
+    proxy.down()
+    threading.Timer(1.5, proxy.up).start()
+    with caplog.at_level("WARNING", logger="lens.storage"):
+        storage.write_bytes("b", b"during")
+    assert "retry 1/" in caplog.text
+    assert storage.read_bytes("b") == b"during"
+    proxy.down()
+
+
+@pytest.mark.parametrize("code,status,kind", [
+    ("SlowDown", 503, "retry"), ("InternalError", 500, "retry"), ("503", 503, "retry"), ("Throttling", 400, "retry"),
+    ("NoSuchBucket", 404, "input"), ("AccessDenied", 403, "input"), ("InvalidAccessKeyId", 403, "input"),
+    ("NoSuchKey", 404, ""),
+])
+def test_s3_errors_are_classified(code, status, kind):
+    from botocore.exceptions import ClientError
+
+    from lens.storage import _classify
+
+    e = ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+    assert _classify(e)[0] == kind
+
+
+def test_worker_slot_comes_from_flags_then_the_indexed_job(monkeypatch):
+    from lens.data.dump import worker_slot
+    from lens.errors import InputError
+
+    for k in ("JOB_COMPLETION_INDEX", "JOB_COMPLETION_COUNT", "LENS_DUMP_WORKERS"):
+        monkeypatch.delenv(k, raising=False)
+    assert worker_slot(None, None) == (0, 1)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    monkeypatch.setenv("LENS_DUMP_WORKERS", "4")
+    assert worker_slot(None, None) == (2, 4)
+    monkeypatch.setenv("JOB_COMPLETION_COUNT", "3")
+    assert worker_slot(None, None) == (2, 3)
+    assert worker_slot(1, 2) == (1, 2)
+    with pytest.raises(InputError, match="index 2 of 2 is invalid"):
+        worker_slot(None, 2)
+
+
+def test_a_local_target_gets_the_same_objects(world, reference, tmp_path):
+    target = tmp_path / "acts"
+    cmd = dump_cmd(world, "x")[:-1] + [f"data.activations={target}"]
+    ok(subprocess.run(cmd, cwd=world["root"], env=world["env"], capture_output=True, text=True, timeout=300))
+    local = {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert local == reference
+
+
+def test_an_unknown_model_exits_2_and_writes_nothing(world):
+    proc = run_dump(world, "unknown-model", "model.name=/no/such/model")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.name='/no/such/model'" in proc.stderr.strip().splitlines()[-1]
+    assert objects(world, "unknown-model") == {}
+
+
+# ------------------------------------------------------------------------------------- training from the dump
+
+def train_from_dump(world, run_dir: Path, steps: int, nproc: int) -> list[dict]:
+    """`lens train` on the reference dump in S3 (resample ablation on), `nproc` torchrun workers; its metrics."""
+    from test_train import torchrun
+
+    args = ["train", str(world["config"]), "data.activations=s3://acts/ref", f"run.dir={run_dir}",
+            f"train.max_steps={steps}", "train.batch_size=6", "train.micro_batch_size=2", "train.checkpoint_every=2",
+            "train.log_every=1", "train.eval_samples=3", "decoder.t_text=3", "optim.decay=constant"]
+    cmd = (torchrun(nproc) if nproc > 1 else [sys.executable]) + ["-m", "lens", *args]
+    proc = subprocess.run(cmd, cwd=world["root"], env=world["env"], capture_output=True, text=True, timeout=300)
+    ok(proc)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_training_from_s3_resumed_on_1_2_3_processes_consumes_the_uninterrupted_sequence(world, reference):
+    from lens.train.checkpoint import load_checkpoint
+
+    straight = train_from_dump(world, world["root"] / "train-straight", 6, nproc=1)
+    resized = world["root"] / "train-resized"
+    for steps, nproc in ((2, 1), (4, 2), (6, 3)):
+        rows = train_from_dump(world, resized, steps, nproc)
+    by_step = lambda rs: {r["step"]: r for r in rs if "train/loss" in r}  # noqa: E731
+    a, b = by_step(straight), by_step(rows)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    # exactly the same global samples, step by step: none repeated or skipped across the resizes
+    assert [b[s]["data/next_sample"] for s in range(1, 7)] == [6 * s for s in range(1, 7)]
+    assert [a[s]["data/next_sample"] for s in range(1, 7)] == [6 * s for s in range(1, 7)]
+    for s in range(1, 7):  # same samples and noise: the losses agree up to float summation order
+        assert math.isclose(a[s]["train/loss"], b[s]["train/loss"], rel_tol=1e-4, abs_tol=1e-7), s
+    wa, wb = load_checkpoint(str(world["root"] / "train-straight")), load_checkpoint(str(resized))
+    assert wa.step == wb.step == 6
+    for name, t in wa.weights.items():
+        assert float((wb.weights[name] - t).norm() / t.norm().clamp_min(1e-12)) < 1e-5, name

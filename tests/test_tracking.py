@@ -1,0 +1,41 @@
+"""Tracking: W&B mode selection, the local metrics.jsonl record, and a real offline W&B run resumed by id."""
+
+import json
+
+import pytest
+
+from lens.tracking import JsonlTracker, NullTracker, make_tracker, wandb_mode
+
+
+def test_mode_auto_is_online_only_with_an_api_key(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment wins, as W&B itself does
+    assert wandb_mode("auto") == "disabled"
+
+
+def test_disabled_tracker_still_writes_metrics_jsonl(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tracker = make_tracker("p", None, "run-a", "auto", {}, str(tmp_path))
+    assert isinstance(tracker, JsonlTracker) and type(tracker.inner) is NullTracker
+    tracker.log({"train/loss": 1.5}, step=3)
+    tracker.log({"train/loss": 1.25}, step=4)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 3, "train/loss": 1.5}, {"step": 4, "train/loss": 1.25}]
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_uses_the_run_name_as_id_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    first = make_tracker("lens-test", None, "run-b", "auto", {"a": 1}, str(tmp_path))
+    assert first.inner.run.id == "run-b"
+    first.log({"train/loss": 2.0}, step=1)
+    first.finish()
+    again = make_tracker("lens-test", None, "run-b", "auto", {"a": 1}, str(tmp_path))
+    assert again.inner.run.id == "run-b"
+    again.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*-run-b"))
