@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Launch a consistency-lens run on Kubernetes (Helm chart helm/consistency-lens, Kubeflow PyTorchJob).
 
-    python scripts/launch.py CONFIG [key=value ...] [--dry-run] [--local] [-n NS] [-f VALUES.yaml] [--values-out F]
+    python scripts/launch.py CONFIG [key=value ...] [--dry-run | --local [--workers N]] [-n NS] [-f VALUES.yaml]
+                             [--values-out F]
     python scripts/launch.py status|logs|delete RUN [-n NS]
 
 CONFIG is a run config (conf/*.yaml) with Hydra key=value overrides; -f adds chart values files (image, GPUs,
 workers, spot preset, secret names). --dry-run prints the strictly validated manifests and changes nothing.
+--local runs the same rendered job on this machine (dump indexes, then a torchrun agent per worker, rendezvous on
+127.0.0.1); storage is then a local directory or a local S3 endpoint (storage.endpoint_url).
 Exit codes: 0 done, 2 bad input, other non-zero retryable.
 """
 
@@ -27,7 +30,10 @@ def _launch_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config, e.g. conf/smollm2_135m.yaml")
     p.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
     p.add_argument("--dry-run", action="store_true", help="print the validated manifests; touch nothing")
-    p.add_argument("--local", action="store_true", help="run the same job on this machine (not yet implemented)")
+    p.add_argument("--local", action="store_true",
+                   help="run the same rendered job on this machine: the dump Job's indexes, then one torchrun agent "
+                   "per worker (rendezvous on 127.0.0.1)")
+    p.add_argument("--workers", type=int, metavar="N", help="with --local: worker replicas (default 2)")
     p.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's)")
     p.add_argument("-f", "--values", action="append", default=[], metavar="FILE",
                    help="chart values file (repeatable; later files win)")
@@ -57,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.run, namespace)
         args = _launch_parser().parse_intermixed_args(argv)
         return launch.launch(args.config, args.overrides, values_files=args.values, namespace=args.namespace,
-                             dry_run=args.dry_run, values_out=args.values_out, crd=args.crd, local=args.local)
+                             dry_run=args.dry_run, values_out=args.values_out, crd=args.crd, local=args.local,
+                             workers=args.workers)
     except InputError as e:
         print(e, file=sys.stderr)
         return InputError.exit_code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -72,3 +73,32 @@ def contexts(tokenizer) -> torch.Tensor:
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     rows = [[tokenizer.bos_token_id] + ids[i * 23:(i + 1) * 23] for i in range(4)]
     return torch.tensor(rows)
+
+
+def make_corpus(n_lines: int = 300, seed: int = 0) -> str:
+    """Deterministic, varied English: sentences from word lists, five lines per document (blank-line separated)."""
+    r = random.Random(seed)
+    subjects = ["The old sailor", "A young teacher", "My neighbour", "The committee", "Every student", "The cat",
+                "Our small company", "The orchestra", "A tired doctor", "The river", "Her brother", "The city council"]
+    verbs = ["carefully examined", "quietly ignored", "loudly praised", "slowly rebuilt", "never understood",
+             "suddenly discovered", "happily painted", "reluctantly signed", "secretly admired", "finally sold"]
+    objects = ["the broken bridge", "a letter from Paris", "the annual report", "an ancient map", "the blue door",
+               "seven wooden chairs", "the new railway", "a strange noise", "the winter garden", "their first album"]
+    tails = ["before the storm arrived.", "while everyone was asleep.", "in the middle of July.",
+             "because nobody else would.", "and then went home.", "without saying a word.", "for the third time.",
+             "despite the heavy rain.", "near the harbour.", "after a long discussion."]
+    lines = [f"{r.choice(subjects)} {r.choice(verbs)} {r.choice(objects)} {r.choice(tails)}" for _ in range(n_lines)]
+    return "\n\n".join("\n".join(lines[i:i + 5]) for i in range(0, n_lines, 5)) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory, tokenizer) -> dict:
+    """A tiny Llama + tokenizer saved as an HF folder and a text corpus file, made once per session:
+    what subprocess tests point `model.name` and `data.corpus` at."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "tiny-llama"
+    make_lm("llama", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = root / "corpus.txt"
+    corpus.write_text(make_corpus())
+    return {"model_dir": model_dir, "corpus": corpus}

@@ -27,8 +27,6 @@ import torch
 import yaml
 from safetensors.torch import load as load_safetensors
 
-from conftest import make_lm
-from test_train import make_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 N_SEQ, SHARD = 60, 8  # 57 train sequences -> 8 shards (the last one partial), 3 val sequences -> 1 shard
@@ -77,13 +75,9 @@ def moto(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tokenizer, moto):
+def world(tmp_path_factory, tiny_files, moto):
     root = tmp_path_factory.mktemp("dump")
-    model_dir = root / "tiny-llama"
-    make_lm("llama", len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    corpus = root / "corpus.txt"
-    corpus.write_text(make_corpus())
+    model_dir, corpus = tiny_files["model_dir"], tiny_files["corpus"]
     cfg = {
         "run": {"name": "tiny-dump", "dir": str(root / "unused"), "seed": 3},
         "model": {"name": str(model_dir), "layer": 1},

@@ -130,9 +130,12 @@ def test_missing_helm_exits_2(helm_env, config_paths, monkeypatch, tmp_path, cap
     assert "helm not found" in capsys.readouterr().err
 
 
-def test_local_is_not_there_yet(helm_env, config_paths):
-    with pytest.raises(NotImplementedError, match="local emulation"):
-        launch_main()([str(config_paths["smollm2_135m"]), "--local"])
+def test_local_flags_are_checked_first(helm_env, config_paths, capsys):
+    """--local itself runs end to end in test_local.py; here only the argument checks (exit 2, nothing run)."""
+    assert launch_main()([str(config_paths["smollm2_135m"]), "--local", "--dry-run"]) == 2
+    assert "--local and --dry-run" in capsys.readouterr().err
+    assert launch_main()([str(config_paths["smollm2_135m"]), "--workers", "2"]) == 2
+    assert "--workers is for --local" in capsys.readouterr().err
 
 
 # --- cluster calls, with stand-ins -----------------------------------------------------------------------------------

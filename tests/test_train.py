@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,6 @@ import safetensors.torch
 import torch
 import yaml
 
-from conftest import make_lm
 from lens.train.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,31 +54,11 @@ HELPER = textwrap.dedent("""
 """)
 
 
-def make_corpus(n_lines: int = 300, seed: int = 0) -> str:
-    """Deterministic, varied English: sentences from word lists, five lines per document (blank-line separated)."""
-    r = random.Random(seed)
-    subjects = ["The old sailor", "A young teacher", "My neighbour", "The committee", "Every student", "The cat",
-                "Our small company", "The orchestra", "A tired doctor", "The river", "Her brother", "The city council"]
-    verbs = ["carefully examined", "quietly ignored", "loudly praised", "slowly rebuilt", "never understood",
-             "suddenly discovered", "happily painted", "reluctantly signed", "secretly admired", "finally sold"]
-    objects = ["the broken bridge", "a letter from Paris", "the annual report", "an ancient map", "the blue door",
-               "seven wooden chairs", "the new railway", "a strange noise", "the winter garden", "their first album"]
-    tails = ["before the storm arrived.", "while everyone was asleep.", "in the middle of July.",
-             "because nobody else would.", "and then went home.", "without saying a word.", "for the third time.",
-             "despite the heavy rain.", "near the harbour.", "after a long discussion."]
-    lines = [f"{r.choice(subjects)} {r.choice(verbs)} {r.choice(objects)} {r.choice(tails)}" for _ in range(n_lines)]
-    return "\n\n".join("\n".join(lines[i:i + 5]) for i in range(0, n_lines, 5)) + "\n"
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tokenizer):
+def world(tmp_path_factory, tiny_files):
     """A tiny Llama + tokenizer saved as an HF folder, a text corpus, a config file and the subprocess env."""
     root = tmp_path_factory.mktemp("train")
-    model_dir = root / "tiny-llama"
-    make_lm("llama", len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    corpus = root / "corpus.txt"
-    corpus.write_text(make_corpus())
+    model_dir, corpus = tiny_files["model_dir"], tiny_files["corpus"]
     cfg = {
         "run": {"name": "tiny-lens", "dir": str(root / "unused"), "seed": 0},
         "model": {"name": str(model_dir), "layer": 1},

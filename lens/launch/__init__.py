@@ -37,20 +37,30 @@ def _read_values(paths: list[str]) -> dict:
 
 
 def launch(config: str, overrides: list[str], *, values_files: list[str] = (), namespace: str | None = None,
-           dry_run: bool = False, values_out: str | None = None, crd: str | None = None, local: bool = False) -> int:
+           dry_run: bool = False, values_out: str | None = None, crd: str | None = None, local: bool = False,
+           workers: int | None = None) -> int:
     """Compose and validate the config, map it to chart values, render and validate the manifests strictly; then
-    print them (`dry_run`) or install the release named after run.name. Returns the exit code."""
+    print them (`dry_run`), install the release named after run.name, or (`local`) run the rendered job on this
+    machine with `workers` worker replicas (default 2). Returns the exit code."""
+    if local and dry_run:
+        raise InputError("--local and --dry-run: choose one")
+    if workers is not None and not local:
+        raise InputError("--workers is for --local; on a cluster set workers.replicas in a values file (-f)")
     cfg = load_config(config, overrides)
     values = chart_values(cfg, _read_values(list(values_files)))
+    if local:
+        from lens.launch.local import local_values
+
+        values = merge_values(values, local_values(2 if workers is None else workers))
     if values_out:
         Path(values_out).write_text(values_yaml(values))
-    release, namespace = cfg.run.name, namespace or current_namespace()
+    release, namespace = cfg.run.name, namespace or ("default" if local else current_namespace())
     text = render(values, release, namespace)
     docs = parse_manifests(text)
     if local:
-        # ---- --local hook: run `docs` on this machine (a torchrun agent per worker replica with the env the
-        # operator would inject, rendezvous on 127.0.0.1; the dump Job's indexes as processes first). ----
-        raise NotImplementedError("--local arrives with local emulation")
+        from lens.launch.local import run_local
+
+        return run_local(docs)
     for key, uri in (("run.dir", cfg.run.dir), ("data.activations", cfg.data.activations)):
         if uri and "://" not in uri:  # a spot-replaced pod starts with empty disks
             print(f"warning: {key}={uri} is a path inside the pods and is lost when a pod is replaced; use "
