@@ -71,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging()
+    from lens.train.preemption import EXIT_CODE, Preempted
+
     try:
         return args.fn(args)
     except InputError as e:
         print(f"lens {args.command}: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"lens {args.command}: {e}", file=sys.stderr)
+        return EXIT_CODE
 
 
 if __name__ == "__main__":

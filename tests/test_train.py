@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -276,3 +277,34 @@ def test_lens_train_writes_complete_checkpoints(world, straight):
     assert [m["step"] for m in rows if "train/loss" in m] == list(range(1, 2 * N + 1))
     evals = [m for m in rows if "eval/variance_recovered" in m]
     assert evals and evals[-1]["step"] == 2 * N and math.isfinite(evals[-1]["eval/variance_recovered"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notice", ["sigterm", "prestop-flag"])
+def test_preemption_notice_checkpoints_at_a_step_boundary_and_exits_for_a_restart(world, tmp_path, notice):
+    run_dir, flag = tmp_path / "run", tmp_path / "lens-preempt"
+    flag.write_text("stale")  # left in /dev/shm by an earlier container of the pod: must not stop this one
+    env = {**world["env"], "LENS_PREEMPT_FLAG": str(flag)}
+    cmd = [sys.executable, "-m", "lens", "train", str(world["config"]), f"run.dir={run_dir}", "train.max_steps=500",
+           "train.checkpoint_every=1000"]
+    proc = subprocess.Popen(cmd, cwd=world["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and train_lines(run_dir)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    assert not flag.exists()  # the stale flag was cleared at start
+    if notice == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        flag.write_text("now")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out[-2000:], err[-2000:])
+    step = max(train_lines(run_dir))
+    assert 1 <= step < 500
+    ckpt = load_checkpoint(str(run_dir))
+    assert ckpt.step == step and ckpt.state["cursor"] == {"next": step * BATCH}  # nothing after the saved step
+    # the restarted job resumes exactly there and finishes
+    again = run(world, ["train", str(world["config"]), f"run.dir={run_dir}", f"train.max_steps={step + 1}",
+                        "train.checkpoint_every=1000"])
+    assert again.returncode == 0 and f"at step {step}" in again.stdout
+    assert max(train_lines(run_dir)) == step + 1

@@ -31,6 +31,7 @@ from lens.tracking import NullTracker, make_tracker
 from lens.train import dist
 from lens.train.checkpoint import CheckpointManager, set_rng_state
 from lens.train.optim import build_optimizer, set_lr
+from lens.train.preemption import Preempted, PreemptionNotice
 
 log = logging.getLogger("lens.train")
 
@@ -226,6 +227,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg.train
+        notice = PreemptionNotice()
         self.resume()
         meter = Meter()
         progress = _Progress(cfg.max_steps) if self.dist.is_main and sys.stderr.isatty() else None
@@ -239,8 +241,14 @@ class Trainer:
                 meter = Meter()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self.run_eval()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+            saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps
+            if saved:
                 self.save()
+            if self.step < cfg.max_steps and notice.agreed(self.device):
+                if not saved:
+                    self.save()
+                self.tracker.finish()
+                raise Preempted(f"preempted at step {self.step}; checkpoint saved, the next start resumes there")
         metrics = self.run_eval()
         if self.dist.is_main:
             self.tracker.summary({f"eval/{k}": v for k, v in metrics.items()})
