@@ -22,7 +22,7 @@ from lens.config import from_dictconfig
 from lens.models.blocks import replace_block_output
 from lens.models.hub import load_model
 from lens.models.lens_model import LensModel
-from lens.objective import Batch, Knobs, gumbel_keys, lens_losses, natural_prefix
+from lens.objective import Batch, Knobs, gumbel_keys, lens_losses
 
 
 def gemma2_2b_random(dtype: torch.dtype, tokenizer_dir: str | None):
@@ -63,7 +63,7 @@ def naive_step(model: LensModel, batch: Batch, knobs: Knobs) -> torch.Tensor:
         target = lm(input_ids=batch.input_ids).logits[rows, batch.positions].float()
     with replace_block_output(orig.parts, L, batch.positions, A_hat):
         patched = lm(input_ids=batch.input_ids).logits[rows, batch.positions].float()
-    prefix = natural_prefix(model).to(A.device)
+    prefix = model.lm_prefix_ids
     with torch.no_grad():
         ctx = torch.cat([prefix.expand(len(A), -1), gen.ids], 1)
         lm_logits = lm(input_ids=ctx).logits[:, len(prefix) - 1: -1].float()

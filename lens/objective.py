@@ -14,7 +14,6 @@ import torch
 
 from lens import losses, rng
 from lens.models.lens_model import LensModel
-from lens.models.prompt import prompt_ids
 
 
 @dataclass
@@ -72,10 +71,6 @@ def lens_losses(model: LensModel, batch: Batch, knobs: Knobs):
     return total, {k: v.detach() for k, v in values.items()}, A_hat.detach()
 
 
-def natural_prefix(model: LensModel) -> torch.Tensor:
-    return prompt_ids(model.tokenizer, model.cfg.loss.lm_prefix)
-
-
 def reconstruct(model: LensModel, A: torch.Tensor, current_ids: torch.Tensor, keys: torch.Tensor, tau: float):
     """A -> explanation (straight-through) -> A_hat."""
     gen = model.decoder.generate(A, model.cfg.decoder.t_text, keys, tau=tau)
@@ -107,7 +102,7 @@ def _straight_through(model: LensModel, batch: Batch, knobs: Knobs):
         terms["kl"] = losses.kl(target, patched)
     weighted["kl"] = lw.kl_weight
 
-    lm_logits = model.orig.continuation_logits(natural_prefix(model).to(gen.ids.device), gen.ids)
+    lm_logits = model.orig.continuation_logits(model.lm_prefix_ids, gen.ids)
     with _grad_if(lw.lm_weight * knobs.alpha > 0):
         terms["lm"] = losses.fluency_kl(lm_logits, gen.logits)
     weighted["lm"] = lw.lm_weight * knobs.alpha
@@ -141,7 +136,7 @@ def _grpo(model: LensModel, batch: Batch):
     logp = losses.token_logprobs(logits, gen.ids)
     policy = losses.policy_loss(logp, advantage)
     ref_logp = losses.token_logprobs(
-        model.orig.continuation_logits(natural_prefix(model).to(A.device), gen.ids), gen.ids)
+        model.orig.continuation_logits(model.lm_prefix_ids, gen.ids), gen.ids)
     with _grad_if(lw.grpo_beta > 0):
         k3 = losses.k3_kl(logp, ref_logp)
 

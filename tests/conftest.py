@@ -102,3 +102,22 @@ def tiny_files(tmp_path_factory, tokenizer) -> dict:
     corpus = root / "corpus.txt"
     corpus.write_text(make_corpus())
     return {"model_dir": model_dir, "corpus": corpus}
+
+
+def tiny_run_config(tiny_files: dict, run_name: str, run_dir, **sections) -> dict:
+    """A fast run config on the tiny model and corpus; `sections` update its sections (e.g. train={...})."""
+    cfg = {
+        "run": {"name": run_name, "dir": str(run_dir), "seed": 0},
+        "model": {"name": str(tiny_files["model_dir"]), "layer": 1},
+        "decoder": {"prompt": "<bos>Explain <embed>:", "t_text": 3},
+        "encoder": {"prompt": "<bos><text> means"},
+        "loss": {"mse_weight": 1.0, "kl_weight": 1.0, "lm_weight": 0.1, "lm_prefix": "<bos>Explain something:"},
+        "data": {"corpus": str(tiny_files["corpus"]), "seq_len": 16},
+        "optim": {"lr": 1e-2, "warmup": "1s", "decay": "constant"},
+        "train": {"max_steps": 4, "batch_size": 6, "micro_batch_size": 2, "checkpoint_every": 2,
+                  "log_every": 1, "eval_every": 0, "eval_samples": 8},
+        "wandb": {"mode": "disabled"},
+    }
+    for name, values in sections.items():
+        cfg[name].update(values)
+    return cfg

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from _chart_tools import ROOT, helm_env  # noqa: F401
+from conftest import tiny_run_config
 
 LAUNCH = ROOT / "scripts" / "launch.py"
 
@@ -26,19 +27,8 @@ LAUNCH = ROOT / "scripts" / "launch.py"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_files, helm_env):  # noqa: F811
     root = tmp_path_factory.mktemp("local")
-    model_dir, corpus = tiny_files["model_dir"], tiny_files["corpus"]
-    cfg = {
-        "run": {"name": "tiny-local", "dir": str(root / "unused"), "seed": 0},
-        "model": {"name": str(model_dir), "layer": 1},
-        "decoder": {"prompt": "<bos>Explain <embed>:", "t_text": 3},
-        "encoder": {"prompt": "<bos><text> means"},
-        "loss": {"mse_weight": 1.0, "kl_weight": 1.0, "lm_weight": 0.1, "lm_prefix": "<bos>Explain something:"},
-        "data": {"corpus": str(corpus), "seq_len": 16, "max_sequences": 60, "shard_size": 8, "dump_batch_size": 4},
-        "optim": {"lr": 1e-2, "warmup": "1s", "decay": "constant"},
-        "train": {"max_steps": 4, "batch_size": 6, "micro_batch_size": 2, "checkpoint_every": 2,
-                  "log_every": 1, "eval_every": 0, "eval_samples": 8},
-        "wandb": {"mode": "disabled"},
-    }
+    cfg = tiny_run_config(tiny_files, "tiny-local", root / "unused",
+                          data={"max_sequences": 60, "shard_size": 8, "dump_batch_size": 4})
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
     values = root / "local-values.yaml"  # the dump Job's shape, as a user's values file would set it

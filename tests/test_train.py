@@ -33,6 +33,8 @@ import yaml
 
 from lens.train.checkpoint import load_checkpoint
 
+from conftest import tiny_run_config
+
 REPO = Path(__file__).resolve().parents[1]
 N = 3  # optimizer steps per half
 BATCH = 6
@@ -59,19 +61,8 @@ HELPER = textwrap.dedent("""
 def world(tmp_path_factory, tiny_files):
     """A tiny Llama + tokenizer saved as an HF folder, a text corpus, a config file and the subprocess env."""
     root = tmp_path_factory.mktemp("train")
-    model_dir, corpus = tiny_files["model_dir"], tiny_files["corpus"]
-    cfg = {
-        "run": {"name": "tiny-lens", "dir": str(root / "unused"), "seed": 0},
-        "model": {"name": str(model_dir), "layer": 1},
-        "decoder": {"prompt": "<bos>Explain <embed>:", "t_text": 3},
-        "encoder": {"prompt": "<bos><text> means"},
-        "loss": {"mse_weight": 1.0, "kl_weight": 1.0, "lm_weight": 0.1, "lm_prefix": "<bos>Explain something:"},
-        "data": {"corpus": str(corpus), "seq_len": 16},
-        "optim": {"lr": 1e-2, "warmup": "1s", "decay": "constant"},
-        "train": {"max_steps": 2 * N, "batch_size": BATCH, "micro_batch_size": 2, "checkpoint_every": N,
-                  "log_every": 1, "eval_every": 0, "eval_samples": 8},
-        "wandb": {"mode": "disabled"},
-    }
+    cfg = tiny_run_config(tiny_files, "tiny-lens", root / "unused",
+                          train={"max_steps": 2 * N, "batch_size": BATCH, "checkpoint_every": N})
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
     helper = root / "helper.py"

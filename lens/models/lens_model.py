@@ -11,6 +11,7 @@ from lens.config import LensConfig, check_against_model
 from lens.models.decoder import Decoder
 from lens.models.encoder import Encoder
 from lens.models.orig import Orig
+from lens.models.prompt import prompt_ids
 
 # Parameter roles for optimizer groups (optim.lr_mult); a name's role is decided by its first matching part.
 ROLES = ("proj", "prompt", "base")
@@ -45,6 +46,8 @@ class LensModel(nn.Module):
         check_against_model(cfg, self.orig.parts.n_layers, self.orig.parts.d_model)
         self.decoder = Decoder(self._base(lm, cfg.decoder.train_base), tokenizer, cfg.decoder, act_scale)
         self.encoder = Encoder(self._base(lm, cfg.encoder.train_base), tokenizer, cfg.encoder, cfg.encoder_layer)
+        # ids of loss.lm_prefix, under which the LM scores explanations (a buffer: follows the model's device)
+        self.register_buffer("lm_prefix_ids", prompt_ids(tokenizer, cfg.loss.lm_prefix), persistent=False)
 
     @staticmethod
     def _base(lm: nn.Module, train: bool) -> nn.Module:
