@@ -29,12 +29,12 @@ tools: .tools/bin/helm
 test: venv tools
 	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
 
-# The embedded default end to end on CPU: converts SmolLM2-135M once (cached), trains a lens with
-# `lens train conf/smollm2_135m.yaml` (resuming if runs/demo has checkpoints) and prints the held-out curve
-# next to the zero / mean / current-token-only baselines. DEMO_ARGS takes overrides, e.g. train.max_steps=20.
+# The embedded default end to end on CPU (scripts/demo.py): SmolLM2-135M (converted once, cached), then
+# `scripts/launch.py conf/smollm2_135m.yaml --local` (dump Job, 2-worker elastic training into runs/demo), then
+# `lens eval` and `lens explain --html`. Rerunning resumes. DEMO_ARGS takes overrides, e.g. train.max_steps=100.
 DEMO_ARGS ?=
-demo: venv
-	$(OFFLINE) $(PY) scripts/smollm2_experiment.py run.dir=runs/demo $(DEMO_ARGS)
+demo: venv tools
+	$(OFFLINE) $(PY) scripts/demo.py $(DEMO_ARGS)
 
 # Converts SmolLM2-135M-Instruct once (cached in $$LENS_CACHE or ~/.cache/consistency-lens); prints its folder.
 model: venv

@@ -10,8 +10,12 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from lens.errors import InputError
+
+if TYPE_CHECKING:
+    from lens.explain import TextExplanation
 
 
 def _setup_logging() -> None:
@@ -27,10 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lens.config import load_config
     from lens.train.loop import train
 
-    if not sys.stderr.isatty():  # logs and captured stderr: no "Loading weights" bars before a one-line error
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    _quiet_hf_progress()
     cfg = load_config(args.config, args.overrides)
     train(cfg)
     return 0
@@ -40,13 +41,96 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     from lens.config import load_config
     from lens.data.dump import dump
 
-    if not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    _quiet_hf_progress()
     cfg = load_config(args.config, args.overrides)
     dump(cfg, args.index, args.count)  # a worker that finishes before the others exits 0 too: its work is done
     return 0
+
+
+def _quiet_hf_progress() -> None:
+    if not sys.stderr.isatty():  # logs and captured stderr: no "Loading weights" bars before a one-line error
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from lens.inference import evaluate_lens, load_lens
+    from lens.tracking import make_tracker, run_files_dir
+
+    _quiet_hf_progress()
+    lens = load_lens(args.run, args.endpoint_url)
+    metrics = evaluate_lens(lens, args.data, args.samples)
+    step = lens.checkpoint.step
+    print(format_eval_table(metrics, f"{lens.checkpoint.uri} (step {step})"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": lens.checkpoint.uri, "step": step, "data": args.data or "run", **metrics}, f,
+                      indent=1)
+    if not args.no_wandb:  # the W&B run of this lens (same id) gets the numbers in its summary
+        cfg = lens.cfg
+        tracker = make_tracker(cfg.wandb.project, cfg.wandb.entity, cfg.run.name, cfg.wandb.mode, {},
+                               dir=run_files_dir(cfg.run.dir), jsonl=False)
+        tracker.summary({"eval/step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        tracker.finish()
+    return 0
+
+
+def format_eval_table(metrics: dict[str, float], title: str) -> str:
+    """The lens next to its baselines: one row each, variance recovered / normalised MSE / functional KL."""
+    rows = [("lens", ""), ("current token only", "baseline_token/"), ("mean", "baseline_mean/"),
+            ("zero", "baseline_zero/")]
+    lines = [title, f"{'':<20}{'var. recovered':>16}{'norm. MSE':>12}{'KL (nats)':>12}"]
+    for label, prefix in rows:
+        lines.append(f"{label:<20}{metrics[prefix + 'variance_recovered']:>16.4f}{metrics[prefix + 'nmse']:>12.4f}"
+                     f"{metrics[prefix + 'kl']:>12.4f}")
+    return "\n".join(lines)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from lens.explain import check_request, explain
+    from lens.inference import load_lens
+
+    check_request(args.text, args.best_of)  # before the slow load
+    _quiet_hf_progress()
+    lens = load_lens(args.run, args.endpoint_url)
+    report = explain(lens, args.text, args.best_of)
+    print(format_explain_table(report))
+    if args.html:
+        from lens.html_report import render
+
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(render(report))
+        print(f"wrote {args.html}")
+    return 0
+
+
+def format_explain_table(report: TextExplanation) -> str:
+    """One row per explained token: position, token, nMSE, KL, explanation and each explanation token's salience.
+    Tokens are shown as Python literals, so spaces, newlines and empty tokens stay visible."""
+    width = min(40, max(len(repr(r.explanation)) for r in report.records))
+    lines = [f"{report.checkpoint} (step {report.step}) | {report.model} layer {report.layer} | best of "
+             f"{report.best_of}"]
+    if report.first_explained > 0:
+        lines.append(f"positions 0-{report.first_explained - 1} are not explained (BOS and data.min_pos: training "
+                     "never explains them)")
+    lines.append(f"{'pos':>4}  {'token':<14}{'nMSE':>7}{'KL':>8}  {'explanation':<{width}}  "
+                 "salience (nMSE rise when blanked)")
+    for r in report.records:
+        token = _clip(repr(r.token), 13)
+        pos = f"{r.position}{'*' if r.beyond_training_context else ''}"
+        explanation = _clip(repr(r.explanation), width)
+        lines.append(f"{pos:>4}  {token:<14}{r.nmse:>7.3f}{r.kl:>8.4f}  {explanation:<{width}}  "
+                     + " ".join(f"{s:+.3f}" for s in r.salience))
+    if any(r.beyond_training_context for r in report.records):
+        lines.append(f"* at or past data.seq_len={report.train_seq_len}: longer than any training context")
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None,
                    help="number of workers (default: $JOB_COMPLETION_COUNT, else 1)")
     p.set_defaults(fn=_cmd_dump)
+    p = sub.add_parser("eval", help="held-out metrics of a trained lens next to the zero / mean / token baselines")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory (its newest committed checkpoint) or checkpoint folder; local or s3://")
+    p.add_argument("--data", metavar="URI", default=None,
+                   help="held-out data other than the run's own: an activation dump (folder or s3:// prefix) "
+                        "or a corpus as in data.corpus")
+    p.add_argument("--samples", type=int, default=None, help="held-out samples (default: the run's "
+                                                              "train.eval_samples, the set training evaluated on)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the metrics as JSON")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--no-wandb", action="store_true", help="do not write the metrics to the W&B run's summary")
+    p.set_defaults(fn=_cmd_eval)
+    p = sub.add_parser("explain", help="explain every token of a text with a trained lens; scores, salience, HTML")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory (its newest committed checkpoint) or checkpoint folder; local or s3://")
+    p.add_argument("text", help="the text whose tokens to explain")
+    p.add_argument("--best-of", metavar="K", type=int, default=1,
+                   help="sample K explanations per token and keep the lowest-MSE one (default 1: the training-style "
+                        "forward)")
+    p.add_argument("--html", metavar="FILE", default=None, help="also write a self-contained HTML page")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    p.set_defaults(fn=_cmd_explain)
     return parser
 
 

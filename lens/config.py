@@ -257,10 +257,13 @@ class TrainConfig:
     """Steps between held-out evaluations (0: only at the end)."""
     eval_samples: int = 256
     """Held-out activations per evaluation."""
+    collective_timeout: int = 300
+    """Seconds a rank waits in a collective before giving up: bounds how long survivors of a vanished peer hang
+    before their agent re-forms the group. Must exceed the longest wait a healthy rank has (rank 0's evaluation)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "micro_batch_size", "checkpoint_every", "log_every", "eval_samples",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "collective_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", getattr(self, name), "an integer >= 1")
         if self.eval_every < 0:

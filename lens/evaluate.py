@@ -22,25 +22,26 @@ def _chunks(batch: Batch, size: int):
 
 
 @torch.no_grad()
-def lens_predictions(model: LensModel, batch: Batch, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_hat (N, d), explanation ids (N, T)) with each sample's own Gumbel keys: the forward value of the
-    training objective, so held-out numbers are comparable with training ones."""
-    outs, ids = [], []
+def lens_predictions(model: LensModel, batch: Batch, micro_batch_size: int,
+                     member: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A_hat (N, d), explanation ids (N, T), explanation embeddings (N, T, d)) with each sample's own Gumbel keys
+    (`member` m > 0: the m-th other draw): member 0 is the forward value of the training objective, so held-out
+    numbers are comparable with training ones."""
+    outs = []
     for b in _chunks(batch, micro_batch_size):
-        keys = gumbel_keys(model.cfg.run.seed, b.sample_ids)
+        keys = gumbel_keys(model.cfg.run.seed, b.sample_ids, member)
         gen, A_hat = reconstruct(model, b.A, b.current_ids(), keys, tau=1.0)
-        outs.append(A_hat)
-        ids.append(gen.ids)
-    return torch.cat(outs), torch.cat(ids)
+        outs.append((A_hat, gen.ids, gen.embeds))
+    return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
 @torch.no_grad()
-def _target_logits(model: LensModel, batch: Batch, size: int) -> list[torch.Tensor]:
+def target_logits(model: LensModel, batch: Batch, size: int) -> list[torch.Tensor]:
     return [model.orig.patched_logits(b.input_ids, model.layer, b.positions, None) for b in _chunks(batch, size)]
 
 
 @torch.no_grad()
-def _functional_kl(model: LensModel, batch: Batch, targets: list[torch.Tensor], A_hat: torch.Tensor,
+def functional_kl(model: LensModel, batch: Batch, targets: list[torch.Tensor], A_hat: torch.Tensor,
                    size: int) -> torch.Tensor:
     kls = []
     for i, (b, target) in enumerate(zip(_chunks(batch, size), targets)):
@@ -87,7 +88,7 @@ def evaluate(model: LensModel, held_out: Batch, fit: Batch, micro_batch_size: in
     for mean ablation and the fit of the current-token baseline's read-out (ridge least squares on the encoder's
     token-only features, so the baseline gets the best affine read-out of what the token alone tells)."""
     A = held_out.A.float()
-    A_hat, _ = lens_predictions(model, held_out, micro_batch_size)
+    A_hat, _, _ = lens_predictions(model, held_out, micro_batch_size)
     W = affine_fit(token_only_features(model, fit, micro_batch_size), fit.A)
     candidates = {
         "lens": A_hat,
@@ -95,11 +96,11 @@ def evaluate(model: LensModel, held_out: Batch, fit: Batch, micro_batch_size: in
         "mean": fit.A.float().mean(0, keepdim=True).expand_as(A),
         "token": _apply(token_only_features(model, held_out, micro_batch_size), W),
     }
-    targets = _target_logits(model, held_out, micro_batch_size)
+    targets = target_logits(model, held_out, micro_batch_size)
     metrics = {}
     for name, pred in candidates.items():
         prefix = "" if name == "lens" else f"baseline_{name}/"
         metrics[f"{prefix}variance_recovered"] = variance_recovered(A, pred)
         metrics[f"{prefix}nmse"] = float(losses.normalized_mse(A, pred).mean())
-        metrics[f"{prefix}kl"] = float(_functional_kl(model, held_out, targets, pred, micro_batch_size).mean())
+        metrics[f"{prefix}kl"] = float(functional_kl(model, held_out, targets, pred, micro_batch_size).mean())
     return metrics

@@ -116,6 +116,16 @@ class Storage(abc.ABC):
         """Copy the object at ``key`` to ``local_path``, published atomically there; ``FileNotFoundError`` if none."""
 
     @abc.abstractmethod
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object and a version tag for ``write_if``; ``FileNotFoundError`` when absent."""
+
+    @abc.abstractmethod
+    def write_if(self, key: str, data: bytes, version: str | None) -> bool:
+        """Compare-and-swap: write only if the object is still at ``version`` (``None``: still absent). Returns
+        False, writing nothing, when another writer got there first. On an S3 server without conditional writes it
+        falls back to a plain write (logged once)."""
+
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
         """Whether an object (not a folder) is stored at ``key``."""
 
@@ -183,6 +193,37 @@ class LocalStorage(Storage):
         with src:
             _publish(os.path.abspath(local_path), lambda f: shutil.copyfileobj(src, f, 16 << 20))
 
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read(), _file_version(f.fileno())
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise FileNotFoundError(f"no object at {path}") from None
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> bool:
+        import fcntl
+
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        lock = os.open(directory, os.O_RDONLY)
+        try:  # writers of this folder take turns; every publish is a rename, so a new version is a new inode
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                current = None
+            else:
+                current = _file_version(fd)
+                os.close(fd)
+            if current != version:
+                return False
+            _publish(path, lambda f: f.write(data))
+            return True
+        finally:
+            os.close(lock)
+
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
 
@@ -245,6 +286,11 @@ def _publish(path: str, write: Callable[[BinaryIO], None]) -> None:
         _remove_if_present(tmp)
         raise
     _fsync_dir(directory)
+
+
+def _file_version(fd: int) -> str:
+    st = os.fstat(fd)
+    return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
 
 
 def _has_objects(directory: str) -> bool:
@@ -340,6 +386,8 @@ def _classify(e: BaseException) -> tuple[str, str]:
 class S3Storage(Storage):
     """Objects under ``s3://bucket/prefix``. An S3 PUT (single or multipart) is atomic: complete or absent."""
 
+    _warned_unconditional = False
+
     def __init__(self, bucket: str, prefix: str, client):
         self.bucket, self.prefix, self.client = bucket, prefix, client
 
@@ -410,6 +458,42 @@ class S3Storage(Storage):
             return self._call(f"read {self.uri(key)}", read)
         except self.client.exceptions.NoSuchKey:
             raise FileNotFoundError(f"no object at {self.uri(key)}") from None
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        def read() -> tuple[bytes, str]:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+
+        try:
+            return self._call(f"read {self.uri(key)}", read)
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"no object at {self.uri(key)}") from None
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> bool:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+
+        def put() -> bool | None:  # None: the server does not do conditional writes
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+                return True
+            except ClientError as e:
+                code, status = _error_code(e)
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                if status == 501 or code == "NotImplemented":
+                    return None
+                raise
+
+        written = self._call(f"write {self.uri(key)}", put)
+        if written is None:
+            if not S3Storage._warned_unconditional:
+                log.warning("this S3 endpoint has no conditional writes; writing %s unconditionally", self.uri(key))
+                S3Storage._warned_unconditional = True
+            self.write_bytes(key, data)
+            return True
+        return written
 
     def write_file(self, key: str, local_path: str | os.PathLike) -> None:
         self._call(f"write {self.uri(key)}", lambda: self.client.upload_file(

@@ -17,8 +17,14 @@ class NullTracker:
         pass
 
 
+STEP_METRIC = "trainer/step"
+
+
 class WandbTracker(NullTracker):
-    """One W&B run per `run.name` (also its id), resumed on restart so a preempted job continues the same run."""
+    """One W&B run per `run.name` (also its id), resumed on restart so a preempted job continues the same run.
+
+    A resumed job repeats the steps after its checkpoint, which W&B's own step (monotonic, continued from the
+    server on resume) would refuse. So W&B keeps its step, and charts use the logged `trainer/step` as x-axis."""
 
     def __init__(self, project: str, entity: str | None, run_name: str, mode: str, config: dict, dir: str):
         import wandb
@@ -26,9 +32,11 @@ class WandbTracker(NullTracker):
         os.makedirs(dir, exist_ok=True)
         self.run = wandb.init(project=project, entity=entity, id=run_name, name=run_name, resume="allow",
                               mode=mode, config=config, dir=dir)
+        self.run.define_metric(STEP_METRIC)
+        self.run.define_metric("*", step_metric=STEP_METRIC)
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log({**metrics, STEP_METRIC: step})
 
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
@@ -65,8 +73,14 @@ class JsonlTracker(NullTracker):
         self.inner.finish()
 
 
-def make_tracker(project: str, entity: str | None, run_name: str, mode: str, config: dict, dir: str) -> NullTracker:
-    """W&B (unless disabled) behind a local metrics.jsonl in `dir`."""
+def run_files_dir(run_dir: str) -> str:
+    """Where W&B and metrics.jsonl write their files: the run dir when it is local, else ./wandb-local."""
+    return "wandb-local" if "://" in run_dir else run_dir
+
+
+def make_tracker(project: str, entity: str | None, run_name: str, mode: str, config: dict, dir: str,
+                 jsonl: bool = True) -> NullTracker:
+    """W&B (unless disabled), behind a local metrics.jsonl in `dir` when `jsonl`."""
     mode = wandb_mode(mode)
     inner = NullTracker() if mode == "disabled" else WandbTracker(project, entity, run_name, mode, config, dir)
-    return JsonlTracker(dir, inner)
+    return JsonlTracker(dir, inner) if jsonl else inner

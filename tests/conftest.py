@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,20 @@ def tiny_run_config(tiny_files: dict, run_name: str, run_dir, **sections) -> dic
     for name, values in sections.items():
         cfg[name].update(values)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_files) -> Path:
+    """A run directory holding a lens trained for a few steps on the tiny model (evaluated at its end): what
+    `lens eval` / `lens explain` tests read. Do not write into it."""
+    import yaml
+
+    from lens.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    run_dir = root / "run"
+    cfg = tiny_run_config(tiny_files, "trained-tiny", run_dir,
+                          train={"max_steps": 6, "checkpoint_every": 3, "eval_every": 3, "eval_samples": 12})
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(root / "config.yaml")]) == 0
+    return run_dir

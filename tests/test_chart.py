@@ -4,19 +4,22 @@ torchrun and spot interruptions need, asserted on the rendered objects. Cases re
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from _chart_tools import CHART, CONFIG_NAMES, CRD_FILE, STRICT_JSON, ci_shape, config_paths, helm_env  # noqa: F401
 from lens.config import load_config
+from lens.errors import InputError
 from lens.launch.cluster import parse_manifests, render
 from lens.launch.schema import (check_manifests, sdk_round_trip_losses, strict_schema_from_file,
                                 validate)
-from lens.launch.values import chart_values
+from lens.launch.values import chart_values, merge_values
 
 SHAPES = ("default", "cpu-tiny", "gpu-reference", "on-the-fly")
 OPERATOR_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
@@ -187,8 +190,46 @@ def test_pods_are_unprivileged_and_survive_spot_loss_quickly(helm_env, config_pa
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
             assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
-            hook = c["lifecycle"]["preStop"]["exec"]["command"]
-            assert hook[:2] == ["/bin/sh", "-c"] and hook[2].endswith(f"> {FLAG}")
+
+
+@pytest.mark.parametrize("grace", [45, 110, 600])
+def test_prestop_hook_raises_the_flag_and_waits_for_the_checkpoint(helm_env, config_paths, tmp_path, grace):
+    """The trainer's preStop hook, run for real: it writes the flag, returns once the trainer removed it (after its
+    checkpoint), and its longest wait plus the trainer's budget fit the grace period with torchrun's 30 s."""
+    path = config_paths["gemma2_2b"]
+    docs = rendered(path, merge_values(ci_shape("gpu-reference"), {"preemption": {"terminationGracePeriodSeconds": grace}}))
+    job = trainer(docs)
+    spec = job["spec"]
+    assert spec["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] == "OnFailure"
+    assert spec["elasticPolicy"]["maxRestarts"] >= 10  # each spot loss costs one worker-group restart
+    pod = spec["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == grace
+    c = container(job)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    budget = int(env["LENS_PREEMPT_GRACE_S"])
+    hook = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:2] == ["/bin/sh", "-c"] and env["LENS_PREEMPT_FLAG"] == FLAG
+    wait = int(re.search(r"-lt (\d+) \]", hook[2]).group(1))
+    assert 0 < budget < wait and wait + 30 <= grace  # torchrun gets 30 s after SIGTERM to stop its workers
+    flag = tmp_path / "lens-preempt"
+    script = hook[2].replace(FLAG, str(flag))
+    proc = subprocess.Popen(hook[:2] + [script])
+    deadline = time.monotonic() + 10
+    while not (flag.exists() and flag.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    assert abs(int(flag.read_text()) - time.time()) < 5  # the flag holds when the notice came
+    time.sleep(1.5)
+    assert proc.poll() is None  # still waiting for the checkpoint
+    flag.unlink()  # what the trainer does once saved
+    assert proc.wait(timeout=5) == 0
+    dump_pods = [d for d in docs if d["kind"] == "Job"]
+    assert dump_pods and all("lifecycle" not in c for c in dump_pods[0]["spec"]["template"]["spec"]["containers"])
+
+
+def test_grace_period_too_short_for_torchrun_is_rejected(helm_env, config_paths):
+    with pytest.raises(InputError, match=r"terminationGracePeriodSeconds.*45"):
+        rendered(config_paths["smollm2_135m"], {"preemption": {"terminationGracePeriodSeconds": 30}})
 
 
 @pytest.mark.parametrize("preset, selector, toleration", [

@@ -29,7 +29,8 @@ from lens.train.checkpoint import (
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ["COMMITTED", "config.yaml", "optimizer.pt", "rng.pt", "state.json", "weights.safetensors"]
+PART = "tensors-00000-of-00001.safetensors"
+FILES = ["COMMITTED", "config.yaml", "optimizer.pt", "rng.pt", "state.json", PART]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,10 +272,14 @@ def test_keep_newest_k_and_never_the_latest(tmp_path):
     assert manager.committed() == ["step-00000030", "step-00000040"]
     assert storage.list_dirs("checkpoints") == ["step-00000030", "step-00000040"]
 
-    # Saving an older step makes it latest; it survives although it is not among the newest two.
+    # A late save of an older step (a generation that a restart overtook) moves nothing back and is collected.
     _save(manager, 5)
-    assert manager.committed() == ["step-00000005", "step-00000030", "step-00000040"]
-    assert manager.load_latest().step == 5
+    assert manager.committed() == ["step-00000030", "step-00000040"]
+    assert manager.load_latest().step == 40
+    # A pointer a user set by hand to an older checkpoint is kept while it is the pointer...
+    storage.write_bytes("checkpoints/latest", b"step-00000030")
+    _save(manager, 30)
+    assert manager.load_latest().step == 30 and manager.committed() == ["step-00000030", "step-00000040"]
     _save(manager, 50)
     assert manager.committed() == ["step-00000040", "step-00000050"]
 
@@ -330,7 +335,7 @@ def test_load_checkpoint_refuses_what_is_not_a_checkpoint(tmp_path):
         load_checkpoint(str(tmp_path / "missing"))
 
     storage = open_storage(str(tmp_path / "run"))
-    storage.write_bytes("checkpoints/step-00000007/weights.safetensors", b"partial")
+    storage.write_bytes(f"checkpoints/step-00000007/{PART}", b"partial")
     with pytest.raises(InputError, match=r"step-00000007 is an incomplete checkpoint: it has no COMMITTED"):
         load_checkpoint(str(tmp_path / "run" / "checkpoints" / "step-00000007"))
     with pytest.raises(InputError, match=r"run directory .*/run has no committed checkpoint.*step-00000007"):
@@ -392,11 +397,11 @@ def _reached(folder: str, name: str, stage: str) -> bool:
 @pytest.mark.parametrize(
     "name, stage",
     [
-        ("weights.safetensors", "half-written"),  # 200 MB
-        ("optimizer.pt", "half-written"),  # 100 MB, after weights.safetensors is published
-        ("optimizer.pt", "published"),  # then come the small files, COMMITTED and the pointer
+        (PART, "half-written"),  # 300 MB of weights and optimizer tensors
+        ("optimizer.pt", "published"),  # then come the small files
+        ("COMMITTED", "published"),  # then the pointer
     ],
-    ids=["during-weights", "during-optimizer", "during-small-files"],
+    ids=["during-tensors", "during-small-files", "before-pointer"],
 )
 def test_kill_during_save_keeps_the_last_checkpoint(tmp_path, name, stage):
     run = tmp_path / "run"
@@ -420,7 +425,7 @@ def test_kill_during_save_keeps_the_last_checkpoint(tmp_path, name, stage):
     manager = CheckpointManager(open_storage(str(run)))
     checkpoint = manager.load_latest()
     pointer = (run / "checkpoints" / "latest").read_text()
-    if stage == "half-written":  # a 100 MB write does not finish within the millisecond before the kill
+    if stage == "half-written":  # a 300 MB write does not finish within the millisecond before the kill
         assert name not in left and "COMMITTED" not in left and any(f.endswith(".tmp") for f in left), left
     if pointer == "step-00000002":  # the kill came after the whole save
         assert "COMMITTED" in left
@@ -436,3 +441,116 @@ def test_kill_during_save_keeps_the_last_checkpoint(tmp_path, name, stage):
     assert _save(manager, 2) == (run / "checkpoints" / "latest").read_text() == step_dirname(2)
     assert sorted(os.listdir(step2)) == FILES  # no half-written or temp files left
     assert manager.load_latest().step == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collective saves: ranks upload disjoint parts in parallel; `latest` moves by compare-and-swap, never backwards.
+
+
+def _save_as_ranks(storage: Storage, world: int, step: int, weights, optimizer_state, fail_rank: int | None = None):
+    """Run `save` on `world` threads standing in for ranks, with an `all_ok` that is a real rendezvous of them.
+    Returns each rank's result (a folder name) or the exception it raised. `fail_rank` (local storage only):
+    that rank's part upload fails."""
+    import threading
+
+    barrier, votes, lock = threading.Barrier(world), [], threading.Lock()
+    round_ok = {}
+
+    def all_ok(ok: bool) -> bool:
+        with lock:
+            votes.append(ok)
+        index = barrier.wait()
+        if index == 0:
+            round_ok["ok"] = all(votes)
+            votes.clear()
+        barrier.wait()
+        return round_ok["ok"]
+
+    class Failing(LocalStorage):  # this rank's part upload fails, like an S3 outage seen by one node
+        def sub(self, prefix: str) -> Failing:
+            return Failing(self._path(prefix))
+
+        def write_bytes(self, key: str, data: bytes) -> None:
+            if key.startswith("tensors-"):
+                raise OSError(f"injected upload failure of {key}")
+            super().write_bytes(key, data)
+
+    results = [None] * world
+
+    def rank_main(rank: int) -> None:
+        manager = CheckpointManager(Failing(storage.root) if rank == fail_rank else storage)
+        try:
+            results[rank] = manager.save(step, weights, optimizer_state, {"cursor": step}, "a: 1\n", rank=rank,
+                                         world=world, all_ok=all_ok)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            results[rank] = e
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_ranks_upload_disjoint_parts(request, tmp_path, backend):
+    if backend == "s3":
+        bucket, endpoint = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_endpoint")
+        storage = open_storage(f"s3://{bucket}/parts", endpoint_url=endpoint)
+    else:
+        storage = open_storage(str(tmp_path / "run"))
+    model, optimizer = _trained_adamw()
+    weights = {**_weights(model), **{f"big{i}": torch.randn(1000 + i) for i in range(5)}}
+    assert _save_as_ranks(storage, 3, 4, weights, optimizer.state_dict()) == ["step-00000004"] * 3
+    folder = storage.sub("checkpoints/step-00000004")
+    parts = [f"tensors-{r:05d}-of-00003.safetensors" for r in range(3)]
+    import json
+
+    import safetensors.torch
+    assert json.loads(folder.read_bytes("COMMITTED"))["parts"] == parts
+    names = [set(safetensors.torch.load(folder.read_bytes(p))) for p in parts]
+    assert all(names) and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    sizes = [len(folder.read_bytes(p)) for p in parts]
+    assert max(sizes) < 0.6 * sum(sizes)  # balanced: no rank uploads (almost) everything
+    checkpoint = CheckpointManager(storage).load_latest()
+    _assert_bitwise_equal(weights, checkpoint.weights, "weights")
+    _assert_bitwise_equal(optimizer.state_dict(), checkpoint.optimizer_state, "optimizer")
+
+
+def test_a_rank_failing_its_upload_commits_nothing(tmp_path):
+    storage = open_storage(str(tmp_path / "run"))
+    _save(CheckpointManager(storage), 1)
+    results = _save_as_ranks(storage, 2, 2, {"w": torch.ones(4), "v": torch.zeros(4)}, {"state": {}}, fail_rank=1)
+    assert isinstance(results[1], OSError) and "injected" in str(results[1])
+    assert isinstance(results[0], OSError) and "another rank failed" in str(results[0])
+    assert not storage.exists("checkpoints/step-00000002/COMMITTED")
+    assert CheckpointManager(storage).load_latest().step == 1
+    assert storage.read_bytes("checkpoints/latest") == b"step-00000001"
+
+
+def test_latest_never_moves_back(tmp_path):
+    storage = open_storage(str(tmp_path / "run"))
+    manager = CheckpointManager(storage, keep=5)
+    _save(manager, 5)
+    _save(manager, 3)  # a save that a restarted generation overtook finishes late
+    assert storage.read_bytes("checkpoints/latest") == b"step-00000005"
+    assert manager.load_latest().step == 5
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_conditional_write(request, tmp_path, backend):
+    if backend == "s3":
+        bucket, endpoint = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_endpoint")
+        storage = open_storage(f"s3://{bucket}/cas", endpoint_url=endpoint)
+    else:
+        storage = open_storage(str(tmp_path))
+    assert storage.write_if("p", b"one", None)
+    assert not storage.write_if("p", b"two", None)  # exists already
+    data, version = storage.read_versioned("p")
+    assert data == b"one"
+    assert storage.write_if("p", b"three", version)
+    assert not storage.write_if("p", b"four", version)  # stale version: someone wrote since
+    assert storage.read_bytes("p") == b"three"
+    with pytest.raises(FileNotFoundError):
+        storage.read_versioned("absent")

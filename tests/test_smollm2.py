@@ -1,5 +1,5 @@
-"""Smoke test of the embedded default on real SmolLM2-135M weights (the full experiment is
-scripts/smollm2_experiment.py): two optimizer steps, a checkpoint, a held-out evaluation with baselines."""
+"""Smoke test of the embedded default on real SmolLM2-135M weights (the full run is `make demo`, scripts/demo.py):
+two optimizer steps, a checkpoint, a held-out evaluation with baselines, and `lens explain` on the result."""
 
 import json
 
@@ -24,3 +24,10 @@ def test_embedded_default_trains_and_evaluates_on_smollm2(tmp_path, monkeypatch)
     assert final["step"] == 2 and 0 < final["eval/variance_recovered"] < 1
     assert final["eval/baseline_zero/nmse"] == pytest.approx(1.0)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    # The trained lens explains a real text: every token from min_pos on, each with t_text explanation tokens.
+    from lens.explain import explain
+    from lens.inference import load_lens
+
+    report = explain(load_lens(str(run)), "The cat sat on the mat because it was warm.")
+    assert [r.token for r in report.records][-3:] == [" was", " warm", "."]
+    assert all(len(r.explanation_ids) == 8 and r.nmse > 0 for r in report.records)

@@ -39,3 +39,19 @@ def test_offline_wandb_run_uses_the_run_name_as_id_and_resumes(tmp_path, monkeyp
     assert again.inner.run.id == "run-b"
     again.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*-run-b"))
+
+
+@pytest.mark.slow
+def test_repeated_steps_after_a_resume_are_kept(tmp_path, monkeypatch):
+    """A job resumed from step 3 after logging step 5 logs steps 4, 5 again: W&B's own step must keep rising
+    (a step below it is dropped) while the trainer step is logged as the charts' x-axis."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracker = make_tracker("lens-test", None, "run-c", "auto", {}, str(tmp_path))
+    run = tracker.inner.run
+    for step in [1, 2, 3, 4, 5, 4, 5, 6]:
+        tracker.log({"train/loss": 1.0 / step}, step=step)
+    assert run.step == 8  # every row kept, in order
+    assert run.summary["trainer/step"] == 6 and run.summary["train/loss"] == pytest.approx(1 / 6)
+    tracker.finish()
+    rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 4, 5, 6]

@@ -31,17 +31,18 @@ import safetensors.torch
 import torch
 import yaml
 
-from lens.train.checkpoint import load_checkpoint
+from lens.storage import open_storage
+from lens.train.checkpoint import CheckpointManager, load_checkpoint
 
 from conftest import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 N = 3  # optimizer steps per half
 BATCH = 6
-CKPT_FILES = {"weights.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.yaml", "COMMITTED"}
+CKPT_FILES = {"optimizer.pt", "rng.pt", "state.json", "config.yaml", "COMMITTED"}  # + one tensor part per rank
 
 HELPER = textwrap.dedent("""
-    # Trains like `lens train`, then every rank saves its own trainable weights (only rank 0 writes checkpoints).
+    # Trains like `lens train`, then every rank saves its own trainable weights beside the checkpoints.
     import sys
     import safetensors.torch
     from lens.config import load_config
@@ -252,7 +253,8 @@ def test_lens_train_writes_complete_checkpoints(world, straight):
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [f"step-{N:08d}", f"step-{2 * N:08d}"]
     for step in (N, 2 * N):
         folder = step_dir(run_dir, step)
-        assert {p.name for p in folder.iterdir()} == CKPT_FILES
+        parts = {"tensors-00000-of-00001.safetensors"}  # `straight` runs as one process
+        assert {p.name for p in folder.iterdir()} == CKPT_FILES | parts
         state = json.loads((folder / "state.json").read_text())
         assert state == {"step": step, "cursor": {"next": step * BATCH}, "wandb_run_id": "tiny-lens"}
         saved = yaml.safe_load((folder / "config.yaml").read_text())
@@ -271,11 +273,13 @@ def test_lens_train_writes_complete_checkpoints(world, straight):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notice", ["sigterm", "prestop-flag"])
+@pytest.mark.parametrize("notice", ["sigterm", "prestop-flag", "prestop-flag-no-time"])
 def test_preemption_notice_checkpoints_at_a_step_boundary_and_exits_for_a_restart(world, tmp_path, notice):
     run_dir, flag = tmp_path / "run", tmp_path / "lens-preempt"
     flag.write_text("stale")  # left in /dev/shm by an earlier container of the pod: must not stop this one
     env = {**world["env"], "LENS_PREEMPT_FLAG": str(flag)}
+    if notice == "prestop-flag-no-time":  # a grace budget no checkpoint fits in
+        env["LENS_PREEMPT_GRACE_S"] = "0"
     cmd = [sys.executable, "-m", "lens", "train", str(world["config"]), f"run.dir={run_dir}", "train.max_steps=500",
            "train.checkpoint_every=1000"]
     proc = subprocess.Popen(cmd, cwd=world["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -290,6 +294,10 @@ def test_preemption_notice_checkpoints_at_a_step_boundary_and_exits_for_a_restar
         flag.write_text("now")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (out[-2000:], err[-2000:])
+    assert not flag.exists()  # consumed: a preStop hook waiting for the checkpoint returns
+    if notice == "prestop-flag-no-time":
+        assert "without one" in out and CheckpointManager(open_storage(str(run_dir))).load_latest() is None
+        return
     step = max(train_lines(run_dir))
     assert 1 <= step < 500
     ckpt = load_checkpoint(str(run_dir))
@@ -299,3 +307,15 @@ def test_preemption_notice_checkpoints_at_a_step_boundary_and_exits_for_a_restar
                         "train.checkpoint_every=1000"])
     assert again.returncode == 0 and f"at step {step}" in again.stdout
     assert max(train_lines(run_dir)) == step + 1
+
+
+@pytest.mark.slow
+def test_two_ranks_train_trainable_bases(world, tmp_path):
+    """With trainable decoder/encoder bases some parameters never get a gradient (the encoder's blocks past its
+    read-out layer, its LM head); the ranks must still reduce the same gradients and save the same checkpoint."""
+    run_dir = tmp_path / "bases"
+    proc = run(world, ["train", str(world["config"]), f"run.dir={run_dir}", "train.max_steps=2",
+                       "train.checkpoint_every=2", "decoder.train_base=true", "encoder.train_base=true"], nproc=2)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    ckpt = load_checkpoint(str(run_dir))
+    assert ckpt.step == 2 and any(name.startswith("encoder.lm.") for name in ckpt.weights)

@@ -36,6 +36,17 @@ def _read_values(paths: list[str]) -> dict:
     return merged
 
 
+def local_manifests(cfg, user_values: dict, workers: int | None = None, values_out: str | None = None) -> list[dict]:
+    """The manifests `--local` runs for a validated config: this machine's shape (`workers` replicas, default 2, no
+    GPUs if it has none) under the user's values (which may set e.g. workers.minReplicas)."""
+    from lens.launch.local import local_values
+
+    values = chart_values(cfg, merge_values(local_values(2 if workers is None else workers), user_values))
+    if values_out:
+        Path(values_out).write_text(values_yaml(values))
+    return parse_manifests(render(values, cfg.run.name, "default"))
+
+
 def launch(config: str, overrides: list[str], *, values_files: list[str] = (), namespace: str | None = None,
            dry_run: bool = False, values_out: str | None = None, crd: str | None = None, local: bool = False,
            workers: int | None = None) -> int:
@@ -47,20 +58,17 @@ def launch(config: str, overrides: list[str], *, values_files: list[str] = (), n
     if workers is not None and not local:
         raise InputError("--workers is for --local; on a cluster set workers.replicas in a values file (-f)")
     cfg = load_config(config, overrides)
-    values = chart_values(cfg, _read_values(list(values_files)))
-    if local:
-        from lens.launch.local import local_values
-
-        values = merge_values(values, local_values(2 if workers is None else workers))
-    if values_out:
-        Path(values_out).write_text(values_yaml(values))
-    release, namespace = cfg.run.name, namespace or ("default" if local else current_namespace())
-    text = render(values, release, namespace)
-    docs = parse_manifests(text)
+    user_values = _read_values(list(values_files))
     if local:
         from lens.launch.local import run_local
 
-        return run_local(docs)
+        return run_local(local_manifests(cfg, user_values, workers, values_out))
+    values = chart_values(cfg, user_values)
+    if values_out:
+        Path(values_out).write_text(values_yaml(values))
+    release, namespace = cfg.run.name, namespace or current_namespace()
+    text = render(values, release, namespace)
+    docs = parse_manifests(text)
     for key, uri in (("run.dir", cfg.run.dir), ("data.activations", cfg.data.activations)):
         if uri and "://" not in uri:  # a spot-replaced pod starts with empty disks
             print(f"warning: {key}={uri} is a path inside the pods and is lost when a pod is replaced; use "

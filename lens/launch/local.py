@@ -13,13 +13,17 @@ Volumes are emulated by rewriting paths: the ConfigMap mount (/etc/lens) becomes
 same files, each emptyDir mount (/dev/shm, /tmp) a per-process directory, for the command's arguments and env
 values that name them. Env taken from Secrets (valueFrom) is left out: local processes inherit this shell's
 environment (W&B, HF and AWS credentials included). Output is streamed with a `[dump-i]` / `[worker-r]` prefix.
-Exit code: 0 when every agent exits 0, 2 when a process exits 2, else the first failure's code; an agent that
-fails stops the others (torchrun already restarted its workers up to maxRestarts; relaunching resumes).
+Pods are kept alive as on a cluster: an agent that fails (torchrun already restarted its workers up to maxRestarts)
+is started again after a back-off, like the operator's pod restart, and training resumes from its newest checkpoint
+(`WorkerGroup`). Exit code: 0 when every agent exits 0, 2 when a process exits 2, else the code of an agent whose
+restarts ran out.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lens.errors import InputError
@@ -34,6 +39,8 @@ from lens.errors import InputError
 # Agents on one machine join within a second (default last call: 30 s); the store is ours (`_rendezvous_store`).
 LOCAL_RDZV_CONF = {"last_call_timeout": "1", "is_host": "false"}
 STOP_GRACE_S = 40.0  # torchrun SIGKILLs its workers 30 s after forwarding SIGTERM
+LOCAL_POD_RESTARTS = 5  # a crash-looping agent here is a bug to read about, not to retry a thousand times
+RESTART_BACKOFF_S = 1.0  # first pod restart delay, doubled per restart (kubelet: 10 s, too slow for local runs)
 # Set by the operator or torchrun: never inherited from the launching shell.
 _OWNED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
               "ROLE_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX")
@@ -107,6 +114,17 @@ class _Pod:
             raise InputError(f"rendered container {c['name']!r} has no command")
         self.env = {e["name"]: self._local_path(str(e.get("value", ""))) for e in c.get("env") or []
                     if "valueFrom" not in e}  # secrets: from this shell's environment instead
+        hook = (((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []
+        self.pre_stop = [self._local_paths_in(part) for part in hook]
+
+    def _local_paths_in(self, script: str) -> str:
+        """Mount paths anywhere in a shell snippet (the preStop hook) rewritten to their local directories, in one
+        pass (a local directory may itself lie under another mount path, e.g. /tmp)."""
+        if not self.mounts:
+            return script
+        mounts = sorted(self.mounts, key=len, reverse=True)
+        pattern = re.compile("|".join(re.escape(m) + "(?=/)" for m in mounts))
+        return pattern.sub(lambda m: str(self.mounts[m.group(0)]), script)
 
     def _local_path(self, value: str) -> str:
         for mount, local in self.mounts.items():
@@ -127,7 +145,8 @@ def _base_env() -> dict[str, str]:
 class _Runner:
     """Child processes with prefixed, line-buffered output; SIGINT/SIGTERM stop them all."""
 
-    def __init__(self):
+    def __init__(self, sink: Callable[[bytes], None] | None = None):
+        self.sink = sink
         self.lock = threading.Lock()
         self.procs: list[subprocess.Popen] = []
         self.threads: list[threading.Thread] = []
@@ -153,6 +172,9 @@ class _Runner:
 
     def _write(self, data: bytes) -> None:
         with self.lock:
+            if self.sink is not None:
+                self.sink(data)
+                return
             sys.stdout.buffer.write(data)
             sys.stdout.flush()
 
@@ -231,66 +253,211 @@ def _run_dump(job: dict, runner: _Runner, configmaps: dict, workdir: Path) -> in
     return 0
 
 
-def _run_workers(job: dict, runner: _Runner, configmaps: dict, workdir: Path) -> int:
-    spec = job["spec"]
-    elastic = spec.get("elasticPolicy") or {}
-    worker = spec["pytorchReplicaSpecs"]["Worker"]
-    replicas = int(worker.get("replicas", 1))
-    lo, hi = int(elastic.get("minReplicas", replicas)), int(elastic.get("maxReplicas", replicas))
-    nproc = int(spec.get("nprocPerNode") or 1)
-    conf = {c["key"]: str(c["value"]) for c in elastic.get("rdzvConf") or []}
-    conf = {**LOCAL_RDZV_CONF, **conf}
-    store = runner.store = _rendezvous_store()  # open until every agent has stopped (after _Runner.__exit__)
-    pet = {  # what the training operator injects into every worker pod in elastic mode
-        "PET_NNODES": f"{lo}:{hi}",
-        "PET_RDZV_ENDPOINT": f"127.0.0.1:{store.port}",
-        "PET_RDZV_BACKEND": elastic.get("rdzvBackend", "c10d"),
-        "PET_RDZV_ID": str(elastic.get("rdzvId") or job["metadata"]["name"]),
-        "PET_RDZV_CONF": ",".join(f"{k}={v}" for k, v in conf.items()),
-        "PET_NPROC_PER_NODE": str(nproc),
-        "PET_MAX_RESTARTS": str(elastic.get("maxRestarts", 3)),
-        "PET_LOCAL_ADDR": "127.0.0.1",  # the pod IP's stand-in: workers reach rank 0's store on loopback
-    }
-    gpus = _gpu_count()
-    if gpus and gpus < replicas * nproc:
-        raise InputError(f"--local: {replicas} workers x {nproc} processes need {replicas * nproc} GPUs, this "
-                         f"machine has {gpus} (use --workers, or -f values with workers.gpus)")
-    agents = []
-    for r in range(replicas):
-        pod = _Pod(worker["template"]["spec"], "pytorch", configmaps, workdir, f"worker-{r}")
-        env = {**_base_env(), **pod.env, **pet}
-        if gpus:  # each agent its own GPUs, as each pod would have
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[r * nproc:(r + 1) * nproc])
-        runner.say(f"worker-{r}", " ".join(f"{k}={v}" for k, v in pet.items()))
-        agents.append(runner.start(f"worker-{r}", pod.argv, env))
-    while True:
-        if runner.signalled:
-            return 128 + runner.signalled
-        codes = [p.poll() for p in agents]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed:
-            return 2 if 2 in failed else _exit_code(failed[0])
-        if all(c == 0 for c in codes):
+class _Node:
+    """One Worker replica: its pod (command, env, emptyDirs) and the torchrun agent now running it."""
+
+    def __init__(self, rank: int, pod: _Pod, env: dict[str, str]):
+        self.rank, self.pod, self.env = rank, pod, env
+        self.proc: subprocess.Popen | None = None
+        self.back_at: float | None = None  # monotonic time a lost pod's replacement starts
+        self.restarts = 0
+
+
+class WorkerGroup:
+    """The PyTorchJob's Worker replicas as torchrun agents on this machine, kept alive the way the operator and
+    kubelet keep pods alive: an agent that fails (torchrun gave up on its workers, or it was killed) is started
+    again after a back-off, up to the Job's backoffLimit (at most LOCAL_POD_RESTARTS here); an agent that exits 0
+    is done. Exit code 2 is bad input and stops the group.
+
+    Faults for chaos tests and benchmarks, callable from another thread: `kill_node` (the node vanishes: agent and
+    workers SIGKILLed, the pod comes back after `down_s`), `preempt_node` (a spot reclaim: the preStop hook, then
+    SIGTERM, like kubelet; the pod comes back after `down_s`) and `worker_pids`, to kill single workers."""
+
+    def __init__(self, job: dict, runner: _Runner, configmaps: dict, workdir: Path):
+        spec = job["spec"]
+        elastic = spec.get("elasticPolicy") or {}
+        worker = spec["pytorchReplicaSpecs"]["Worker"]
+        replicas = int(worker.get("replicas", 1))
+        lo, hi = int(elastic.get("minReplicas", replicas)), int(elastic.get("maxReplicas", replicas))
+        nproc = int(spec.get("nprocPerNode") or 1)
+        conf = {c["key"]: str(c["value"]) for c in elastic.get("rdzvConf") or []}
+        conf = {**LOCAL_RDZV_CONF, **conf}
+        store = runner.store = _rendezvous_store()  # open until every agent has stopped (after _Runner.__exit__)
+        pet = {  # what the training operator injects into every worker pod in elastic mode
+            "PET_NNODES": f"{lo}:{hi}",
+            "PET_RDZV_ENDPOINT": f"127.0.0.1:{store.port}",
+            "PET_RDZV_BACKEND": elastic.get("rdzvBackend", "c10d"),
+            "PET_RDZV_ID": str(elastic.get("rdzvId") or job["metadata"]["name"]),
+            "PET_RDZV_CONF": ",".join(f"{k}={v}" for k, v in conf.items()),
+            "PET_NPROC_PER_NODE": str(nproc),
+            "PET_MAX_RESTARTS": str(elastic.get("maxRestarts", 3)),
+            "PET_LOCAL_ADDR": "127.0.0.1",  # the pod IP's stand-in: workers reach rank 0's store on loopback
+        }
+        gpus = _gpu_count()
+        if gpus and gpus < replicas * nproc:
+            raise InputError(f"--local: {replicas} workers x {nproc} processes need {replicas * nproc} GPUs, this "
+                             f"machine has {gpus} (use --workers, or -f values with workers.gpus)")
+        self.runner, self.lock = runner, threading.Lock()
+        self.backoff_limit = min(int((spec.get("runPolicy") or {}).get("backoffLimit", 6)), LOCAL_POD_RESTARTS)
+        self.nodes = []
+        for r in range(replicas):
+            pod = _Pod(worker["template"]["spec"], "pytorch", configmaps, workdir, f"worker-{r}")
+            env = {**_base_env(), **pod.env, **pet}
+            if gpus:  # each agent its own GPUs, as each pod would have
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[r * nproc:(r + 1) * nproc])
+            runner.say(f"worker-{r}", " ".join(f"{k}={v}" for k, v in pet.items()))
+            self.nodes.append(_Node(r, pod, env))
+
+    def _start(self, node: _Node) -> None:
+        node.back_at = None
+        node.proc = self.runner.start(f"worker-{node.rank}", node.pod.argv, node.env)
+
+    def run(self) -> int:
+        """Run until every agent exited 0 (0), one exited 2 (2), or restarts ran out (that agent's exit code)."""
+        with self.lock:
+            for node in self.nodes:
+                self._start(node)
+        while True:
+            if self.runner.signalled:
+                return 128 + self.runner.signalled
+            with self.lock:
+                code = self._poll()
+            if code is not None:
+                return code
+            time.sleep(0.2)
+
+    def _poll(self) -> int | None:
+        now = time.monotonic()
+        for node in self.nodes:
+            if node.back_at is not None:  # a lost pod: its replacement starts on a new node
+                if now >= node.back_at:
+                    self.runner.say(f"worker-{node.rank}", "replacement pod starting")
+                    self._start(node)
+                continue
+            code = node.proc.poll()
+            if code is None or code == 0:
+                continue
+            if code == 2:
+                return 2
+            if node.restarts >= self.backoff_limit:
+                self.runner.say(f"worker-{node.rank}", f"exit {_exit_code(code)}: restart limit "
+                                f"({self.backoff_limit}) reached")
+                return _exit_code(code)
+            node.restarts += 1
+            delay = min(RESTART_BACKOFF_S * 2 ** (node.restarts - 1), 30.0)  # kubelet's crash-loop back-off
+            self.runner.say(f"worker-{node.rank}", f"exit {_exit_code(code)}: restarting the pod in {delay:.0f} s "
+                            f"({node.restarts}/{self.backoff_limit})")
+            node.back_at = now + delay
+        if all(node.back_at is None and node.proc.poll() == 0 for node in self.nodes):
             return 0
-        time.sleep(0.2)
+        return None
+
+    # ------------------------------------------------------------------------------------------------ faults
+    def worker_pids(self, rank: int) -> list[int]:
+        """Pids of the training processes node `rank`'s agent runs now."""
+        proc = self.nodes[rank].proc
+        return [] if proc is None or proc.poll() is not None else _children(proc.pid)
+
+    def kill_node(self, rank: int, down_s: float | None) -> None:
+        """The node vanishes: its agent and workers are SIGKILLed; a replacement pod starts `down_s` later (None:
+        when `restore_node` says so, as when spot capacity comes back)."""
+        with self.lock:
+            node = self.nodes[rank]
+            pids = [node.proc.pid, *_children(node.proc.pid)] if node.proc.poll() is None else []
+            for pid in pids:
+                _kill(pid, signal.SIGKILL)
+            node.proc.wait()
+            when = "when capacity returns" if down_s is None else f"in {down_s:.0f} s"
+            self.runner.say(f"worker-{rank}", f"node lost (SIGKILL to {len(pids)} processes); replacement {when}")
+            node.back_at = math.inf if down_s is None else time.monotonic() + down_s
+
+    def restore_node(self, rank: int) -> None:
+        """Start the replacement pod of a lost node now."""
+        with self.lock:
+            self.nodes[rank].back_at = time.monotonic()
+
+    def preempt_node(self, rank: int, down_s: float, grace_s: float) -> None:
+        """A spot reclaim as kubelet runs it: the preStop hook (waits for the trainer's checkpoint), then SIGTERM,
+        SIGKILL after `grace_s` from the start; a replacement pod starts `down_s` after the kill. Blocks until the
+        pod is gone."""
+        node = self.nodes[rank]
+        start = time.monotonic()
+        self.runner.say(f"worker-{rank}", "preemption: running the preStop hook, then SIGTERM")
+        if node.pod.pre_stop:
+            try:
+                subprocess.run(node.pod.pre_stop, timeout=grace_s, check=False)
+            except subprocess.TimeoutExpired:
+                pass
+        with self.lock:
+            if node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+        try:
+            node.proc.wait(max(0.1, grace_s - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            self.kill_node(rank, down_s)
+            return
+        with self.lock:
+            node.back_at = time.monotonic() + down_s
+            self.runner.say(f"worker-{rank}", f"pod terminated after {time.monotonic() - start:.1f} s; replacement "
+                            f"in {down_s:.0f} s")
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (torchrun's workers run in their own sessions: killing the agent orphans them)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class LocalRun:
+    """Rendered manifests set up to run here (a context manager: every process is stopped on exit, and the work
+    directory removed). `run_local` uses it; so do chaos tests and benchmarks, which drive `workers()` themselves
+    and read the output through `sink` (called with each prefixed line, as bytes)."""
+
+    def __init__(self, docs: list[dict], sink: Callable[[bytes], None] | None = None):
+        jobs = _find(docs, "PyTorchJob")
+        if len(jobs) != 1:
+            raise InputError(f"expected one rendered PyTorchJob, got {len(jobs)}")
+        self.job, self.dump_jobs = jobs[0], _find(docs, "Job")
+        self.configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in _find(docs, "ConfigMap")}
+        self.sink = sink
+
+    def __enter__(self) -> LocalRun:
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"lens-local-{self.job['metadata']['name']}-"))
+        self.runner = _Runner(self.sink).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.runner.__exit__(*exc)
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def dump(self) -> int:
+        """Run the dump Job's indexes (if one was rendered); returns the exit code."""
+        code = 0
+        for job in self.dump_jobs:
+            code = code or _run_dump(job, self.runner, self.configmaps, self.workdir)
+        return code
+
+    def workers(self) -> WorkerGroup:
+        return WorkerGroup(self.job, self.runner, self.configmaps, self.workdir)
 
 
 def run_local(docs: list[dict]) -> int:
     """Run the rendered manifests `docs` here: the dump Job's indexes first (if rendered), then the PyTorchJob's
     workers. Returns the exit code."""
-    jobs = _find(docs, "PyTorchJob")
-    if len(jobs) != 1:
-        raise InputError(f"expected one rendered PyTorchJob, got {len(jobs)}")
-    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in _find(docs, "ConfigMap")}
-    workdir = Path(tempfile.mkdtemp(prefix=f"lens-local-{jobs[0]['metadata']['name']}-"))
-    try:
-        with _Runner() as runner:
-            code = 0
-            for dump_job in _find(docs, "Job"):
-                code = code or _run_dump(dump_job, runner, configmaps, workdir)
-            code = code or _run_workers(jobs[0], runner, configmaps, workdir)
-        print(f"local run {'finished' if code == 0 else f'failed (exit {code})'}", file=sys.stderr)
-        return code
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with LocalRun(docs) as run:
+        code = run.dump() or run.workers().run()
+    print(f"local run {'finished' if code == 0 else f'failed (exit {code})'}", file=sys.stderr)
+    return code

@@ -22,12 +22,21 @@ class Dist:
         return self.rank == 0
 
 
+_device = torch.device("cpu")  # where collectives' tensors live (the backend's device), set by init
+
+
 def init(timeout_s: float = 300.0) -> Dist:
     """Join the job's process group (gloo on CPU, nccl on GPU).
 
-    Under torchrun the group lives on a PrefixStore namespaced by the run id and the restart count: after an
-    elastic restart, a plain `init_process_group` can read a dead worker's address left in the agent's store and
-    fail or hang (torch.distributed.elastic restart bug); a fresh namespace per restart avoids it."""
+    Under torchrun the group needs a store no earlier group left keys in: after an elastic restart, a stale worker
+    address read from a reused store makes `init_process_group` fail or hang (torch.distributed.elastic restart
+    bug). The chart sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, so each group's rank 0 hosts a fresh store on the
+    port its rendezvous round chose. With torchrun's shared agent store, the group lives under a namespace per
+    restart count instead, which holds while no replacement node (restart count 0) joins older ones.
+
+    `timeout_s` bounds every collective: a rank whose peer vanished without closing its connections (a lost node)
+    fails after it, so its agent can re-form the group instead of waiting forever."""
+    global _device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -38,16 +47,20 @@ def init(timeout_s: float = 300.0) -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ and world > 1:
-            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                                 timeout=timedelta(seconds=timeout_s))
-            namespace = f"lens/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/" \
-                        f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-            store = dist.PrefixStore(namespace, base)
+            addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                namespace = f"lens/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/" \
+                            f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+                store = dist.PrefixStore(namespace, dist.TCPStore(addr, port, world, is_master=False,
+                                                                  timeout=timeout))
+            else:
+                store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
         else:
             store = dist.HashStore()
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    _device = device
     return Dist(rank, world, local_rank, device)
 
 
@@ -61,6 +74,20 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset: offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank iff `flag` is True on every rank."""
+    failures = torch.tensor([0.0 if flag else 1.0], device=_device)
+    dist.all_reduce(failures, op=dist.ReduceOp.SUM)
+    return failures.item() == 0
+
+
+def all_max(value: float) -> float:
+    """The largest of the ranks' values, on every rank."""
+    t = torch.tensor([value], dtype=torch.float64, device=_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def barrier() -> None:

@@ -16,24 +16,25 @@ import torch
 
 from lens import config as lens_config
 from lens.config import LensConfig
-from lens.data.corpus import Corpus
-from lens.data.shards import ShardSource
-from lens.data.source import OnTheFlySource, SampleCursor, split_for_rank
+from lens.data.batches import ActivationData
+from lens.data.source import SampleCursor, split_for_rank
 from lens.errors import InputError
 from lens.evaluate import evaluate
 from lens.models.hub import load_model
 from lens.models.lens_model import LensModel, activation_scale
 from lens.models.orig import Orig
-from lens.objective import Batch, Knobs, lens_losses
+from lens.objective import Knobs, lens_losses
 from lens.schedules import lr_at, schedule_value
 from lens.storage import open_storage
-from lens.tracking import NullTracker, make_tracker
+from lens.tracking import NullTracker, make_tracker, run_files_dir
 from lens.train import dist
 from lens.train.checkpoint import CheckpointManager, set_rng_state
 from lens.train.optim import build_optimizer, set_lr
-from lens.train.preemption import Preempted, PreemptionNotice
+from lens.train.preemption import EXIT_CODE, Preempted, PreemptionNotice
 
 log = logging.getLogger("lens.train")
+
+ASSUMED_UPLOAD_BYTES_PER_S = 50e6  # per rank, for the first save's time estimate (S3 from one node: 50-500 MB/s)
 
 # Keys of the run config that a checkpoint's weights depend on: resuming with other values is an error.
 _SHAPE_KEYS = ("model.name", "model.layer", "decoder.prompt", "decoder.patch_layers", "decoder.per_layer_proj",
@@ -84,7 +85,7 @@ def check_resumable(cfg: LensConfig, saved_yaml: str, where: str) -> None:
 class Trainer:
     def __init__(self, cfg: LensConfig):
         self.cfg = cfg
-        self.dist = dist.init()
+        self.dist = dist.init(timeout_s=cfg.train.collective_timeout)
         self.device = self.dist.device
         if self.dist.world > cfg.train.batch_size:
             raise InputError(f"config error: train.batch_size={cfg.train.batch_size} is invalid; expected at least "
@@ -93,32 +94,29 @@ class Trainer:
         lm.to(self.device)
         orig = Orig(lm)
         lens_config.check_against_model(cfg, orig.parts.n_layers, orig.parts.d_model)  # before the slow parts
-        if cfg.data.on_the_fly:
-            self.source = OnTheFlySource(Corpus.build(cfg.data, self.tokenizer), cfg.run.seed, cfg.data.min_pos)
-        else:  # activations dumped by `lens dump`; the manifest is checked against this config
-            self.source = ShardSource.from_config(cfg, d_model=orig.parts.d_model)
-        self.steps_per_epoch = self.source.steps_per_epoch(cfg.train.batch_size)
+        self.data = ActivationData(cfg, orig, self.tokenizer, self.device)
+        self.steps_per_epoch = self.data.source.steps_per_epoch(cfg.train.batch_size)
         self.cursor = SampleCursor()
         self.step = 0
 
         # The scale of the first training activations sets the decoder projection's initial gain.
-        self.orig = orig
-        probe = self._batch(torch.arange(min(64, self.source.n_train))).A
+        probe = self.data.batch(torch.arange(min(64, self.data.n_train))).A
         self.model = LensModel(cfg, lm, self.tokenizer, act_scale=activation_scale(orig, probe)).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.params = list(self.model.trainable_parameters().values())
+        self.save_seconds: float | None = None
         self.checkpoints = CheckpointManager(open_storage(cfg.run.dir, cfg.storage.endpoint_url),
                                              keep=cfg.train.keep_checkpoints)
         self.tracker = make_tracker(cfg.wandb.project, cfg.wandb.entity, cfg.run.name, cfg.wandb.mode,
-                                    lens_config.to_dict(cfg), dir=_local_dir(cfg.run.dir)) \
+                                    lens_config.to_dict(cfg), dir=run_files_dir(cfg.run.dir)) \
             if self.dist.is_main else NullTracker()
-        self.eval_sets = self._eval_sets()
+        self.eval_sets = self.data.eval_sets(cfg.train.eval_samples)
 
     # ------------------------------------------------------------------------------------------------ state
     def resume(self) -> None:
         ckpt = self.checkpoints.load_latest()
         if ckpt is None:
-            log.info("no checkpoint in %s: starting at step 0", self.cfg.run.dir)
+            log.info("no checkpoint in %s: starting at step 0 with %d processes", self.cfg.run.dir, self.dist.world)
             return
         check_resumable(self.cfg, ckpt.config_yaml, ckpt.uri)
         self.model.load_trainable_state({k: v.to(self.device) for k, v in ckpt.weights.items()})
@@ -126,39 +124,26 @@ class Trainer:
         self.cursor.load_state_dict(ckpt.state["cursor"])
         set_rng_state(ckpt.rng)
         self.step = ckpt.step
-        log.info("resumed from %s at step %d (next sample %d)", ckpt.uri, self.step, self.cursor.next)
+        log.info("resumed from %s at step %d (next sample %d) with %d processes", ckpt.uri, self.step,
+                 self.cursor.next, self.dist.world)
 
     def save(self) -> None:
-        """Checkpoint (rank 0 writes; the others wait so nobody runs ahead of a checkpoint being written)."""
-        if self.dist.is_main:
-            self.checkpoints.save(self.step, self.model.trainable_state(),
-                                  self.optimizer.state_dict(), {"cursor": self.cursor.state_dict(),
-                                                                "wandb_run_id": self.cfg.run.name},
-                                  lens_config.to_yaml(self.cfg))
-        dist.barrier()
+        """Checkpoint, collectively: each rank uploads its share; returns once the checkpoint is committed."""
+        start = time.perf_counter()
+        self.checkpoints.save(self.step, self.model.trainable_state(), self.optimizer.state_dict(),
+                              {"cursor": self.cursor.state_dict(), "wandb_run_id": self.cfg.run.name},
+                              lens_config.to_yaml(self.cfg), rank=self.dist.rank, world=self.dist.world,
+                              all_ok=dist.all_true)
+        self.save_seconds = dist.all_max(time.perf_counter() - start)  # the slowest rank's, the same on all
+        log.info("checkpoint step-%08d committed: %.1f MB in %.2f s by %d processes", self.step,
+                 self.checkpoints.last_tensor_bytes / 1e6, self.save_seconds, self.dist.world)
 
-    # ------------------------------------------------------------------------------------------------ data
-    def _batch(self, global_ids: torch.Tensor, held_out: bool = False) -> Batch:
-        """The samples with these global ids (held out: the first n of the validation split), on the device, with
-        their activations: read from the dump, or captured now."""
-        fetched = self.source.val_batch(len(global_ids)) if held_out else self.source.lookup(global_ids)
-        ids, positions, *acts = (t.to(self.device) if t is not None else None for t in fetched)
-        A, A_prime = acts if acts else (None, None)
-        if A is None:
-            A = self.orig.capture(ids, self.cfg.model.layer, positions)
-        prime_ids = None
-        if A_prime is not None and self.cfg.loss.resample_ablation and not held_out:
-            ctx, pos = self.source.lookup_prime(global_ids)
-            prime_ids = ctx[torch.arange(len(pos)), pos].to(self.device)
-        return Batch(ids, positions, A.float(), global_ids.to(self.device),
-                     None if A_prime is None else A_prime.float(), prime_ids)
-
-    def _eval_sets(self) -> tuple[Batch, Batch]:
-        """Held-out activations (validation split) and as many training ones for the baselines' fits."""
-        n = self.cfg.train.eval_samples
-        held_out = self._batch(-1 - torch.arange(n), held_out=True)  # negative ids: keys apart from training ones
-        fit = self._batch(torch.arange(min(n, self.source.n_train)))
-        return held_out, fit
+    def save_estimate(self) -> float:
+        """Seconds a checkpoint takes: the last one's, or before any, its bytes at a cautious upload speed."""
+        if self.save_seconds is not None:
+            return self.save_seconds
+        tensor_bytes = 3 * sum(p.numel() * 4 for p in self.params)  # fp32 weights + two Adam moments
+        return tensor_bytes / self.dist.world / ASSUMED_UPLOAD_BYTES_PER_S
 
     # ------------------------------------------------------------------------------------------------ loop
     def knobs(self) -> Knobs:
@@ -174,13 +159,15 @@ class Trainer:
         mine = split_for_rank(self.cursor.take(cfg.batch_size), self.dist.rank, self.dist.world)
         self.optimizer.zero_grad(set_to_none=False)
         for chunk in mine.split(cfg.micro_batch_size):
-            batch = self._batch(chunk)
+            batch = self.data.batch(chunk)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 total, terms, A_hat = lens_losses(self.model, batch, knobs)
             # Sum of per-sample losses over the global batch: any split over ranks gives the same gradient.
             (total.sum() / cfg.batch_size).backward()
             meter.add({"loss": total.detach(), **terms}, batch.A, A_hat, tokens=int((batch.positions + 1).sum()))
-        dist.all_reduce_sum([p.grad for p in self.params])
+        # Parameters the objective never reaches (a trainable base's blocks past encoder.layer, its LM head) have no
+        # gradient on any rank: the same graph runs everywhere, so skipping them keeps the ranks in step.
+        dist.all_reduce_sum([p.grad for p in self.params if p.grad is not None])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {self.step}; not stepping the optimizer")
@@ -202,7 +189,7 @@ class Trainer:
         metrics["train/variance_recovered"] = float(1 - var_err / var_A)
         metrics.update({f"train/{k}": v for k, v in self.last.items()})
         metrics.update({"perf/samples_per_s": n / elapsed, "perf/tokens_per_s": tokens / elapsed,
-                        "data/epoch": self.cursor.next / self.source.n_train, "data/next_sample": self.cursor.next})
+                        "data/epoch": self.cursor.next / self.data.n_train, "data/next_sample": self.cursor.next})
         terms = " ".join(f"{k} {metrics['train/' + k]:.4f}" for k in keys if k != "loss")
         log.info("step %d/%d | loss %.4f | %s | vr %.4f | gnorm %.3f tau %.3f lr %.2e | %.1f samples/s %.0f tok/s",
                  self.step, self.cfg.train.max_steps, metrics["train/loss"], terms,
@@ -225,6 +212,20 @@ class Trainer:
         dist.barrier()
         return metrics
 
+    def handle_preemption(self, seconds_left: float, saved: bool) -> None:
+        """Save at this step boundary if a checkpoint fits in the time left (every rank decides alike)."""
+        estimate = self.save_estimate()
+        if saved:
+            log.warning("preemption notice (%.0f s left): step %d is checkpointed; exiting %d", seconds_left,
+                        self.step, EXIT_CODE)
+        elif estimate < seconds_left:
+            log.warning("preemption notice (%.0f s left): saving step %d (about %.1f s), then exiting %d",
+                        seconds_left, self.step, estimate, EXIT_CODE)
+            self.save()
+        else:
+            log.warning("preemption notice (%.0f s left): a checkpoint takes about %.0f s; exiting %d without one "
+                        "(the next start resumes from the last checkpoint)", seconds_left, estimate, EXIT_CODE)
+
     def fit(self) -> dict:
         cfg = self.cfg.train
         notice = PreemptionNotice()
@@ -244,16 +245,17 @@ class Trainer:
             saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps
             if saved:
                 self.save()
-            if self.step < cfg.max_steps and notice.agreed(self.device):
-                if not saved:
-                    self.save()
+            seconds_left = notice.seconds_left() if self.step < cfg.max_steps else None
+            if seconds_left is not None:
+                self.handle_preemption(seconds_left, saved)
+                notice.consume()
                 self.tracker.finish()
-                raise Preempted(f"preempted at step {self.step}; checkpoint saved, the next start resumes there")
+                raise Preempted(f"preempted at step {self.step}")
         metrics = self.run_eval()
         if self.dist.is_main:
             self.tracker.summary({f"eval/{k}": v for k, v in metrics.items()})
         self.tracker.finish()
-        self.source.close()
+        self.data.close()
         return metrics
 
 
@@ -270,11 +272,6 @@ class _Progress:
         sys.stderr.flush()
         if step == self.total:
             sys.stderr.write("\n")
-
-
-def _local_dir(run_dir: str) -> str:
-    """Where W&B writes its files: the run dir when it is local, else ./wandb-local."""
-    return "wandb-local" if "://" in run_dir else run_dir
 
 
 def train(cfg: LensConfig) -> dict:

@@ -1,45 +1,73 @@
 """Preemption notices (SIGTERM from a node drain or spot reclaim, or the flag file a `preStop` hook writes) only set
-a flag; the training loop acts on it at the next step boundary, where every rank agrees, saves and exits."""
+a deadline; the training loop acts on it at the next step boundary, where every rank agrees on the time left and
+saves a checkpoint if one fits, then exits.
+
+Time budgets. torchrun forwards SIGTERM to its workers and SIGKILLs them 30 s later, so a notice by SIGTERM leaves
+`SIGTERM_BUDGET_S`. The chart's preStop hook writes the flag *before* the container gets SIGTERM and waits until the
+trainer removes it (after saving), up to the pod's grace period less torchrun's 30 s; it exports that wait, less a
+margin, as `LENS_PREEMPT_GRACE_S`.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
-
-import torch
+import time
 
 from lens.train import dist
 
 log = logging.getLogger("lens.train")
 
 EXIT_CODE = 143  # 128 + SIGTERM: non-zero, so the operator restarts the pod and training resumes
+SIGTERM_BUDGET_S = 25.0  # torchrun SIGKILLs workers 30 s after forwarding SIGTERM; 5 s for exiting
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; the process should exit with EXIT_CODE."""
+    """Raised once the preemption is handled (checkpoint saved, or skipped as it did not fit); exit EXIT_CODE."""
 
 
 class PreemptionNotice:
-    def __init__(self, flag_file: str | None = None):
+    def __init__(self, flag_file: str | None = None, flag_budget_s: float | None = None):
         self.flag_file = flag_file or os.environ.get("LENS_PREEMPT_FLAG") or None
-        self.signalled = False
+        if flag_budget_s is None:
+            flag_budget_s = float(os.environ.get("LENS_PREEMPT_GRACE_S") or SIGTERM_BUDGET_S)
+        self.flag_budget_s = flag_budget_s
+        self.deadline: float | None = None  # time.monotonic() by which a preemption checkpoint must be saved
         if self.flag_file:  # /dev/shm outlives a container restart inside the pod: a flag found now is stale
+            self.consume()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Nothing else here: the loop saves at a step boundary, never mid-step.
+        self._set_deadline(time.monotonic() + SIGTERM_BUDGET_S)
+
+    def _set_deadline(self, deadline: float) -> None:
+        self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
+
+    def _poll_flag(self) -> None:
+        if not self.flag_file:
+            return
+        try:
+            written = os.stat(self.flag_file).st_mtime
+        except FileNotFoundError:
+            return
+        age = max(0.0, time.time() - written)
+        self._set_deadline(time.monotonic() - age + self.flag_budget_s)
+
+    def seconds_left(self) -> float | None:
+        """Seconds left to save before the pod is killed, agreed by every rank (the smallest any rank has), or
+        None when no rank has a notice. One small all-reduce: call it on every rank at every step boundary."""
+        self._poll_flag()
+        mine = math.inf if self.deadline is None else self.deadline - time.monotonic()
+        agreed = -dist.all_max(-mine)
+        return None if math.isinf(agreed) else agreed
+
+    def consume(self) -> None:
+        """Remove the flag: a preStop hook waiting for the checkpoint returns, and the next start sees no notice."""
+        if self.flag_file:
             try:
                 os.remove(self.flag_file)
             except FileNotFoundError:
                 pass
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.signalled = True  # nothing else here: the loop saves at a step boundary, never mid-step
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank saw a notice (one small all-reduce per step)."""
-        local = self.signalled or bool(self.flag_file and os.path.exists(self.flag_file))
-        flag = torch.tensor([float(local)], device=device)
-        dist.all_reduce_sum([flag])
-        if flag.item() > 0:
-            log.warning("preemption notice: saving a checkpoint at this step boundary, then exiting %d", EXIT_CODE)
-            return True
-        return False

@@ -166,7 +166,13 @@ volumes:
 
 {{/*
 Container fields shared by the trainer and the dump containers: image, env (secrets by reference only), mounts,
-the preStop flag, security context, resources. Call with (dict "root" $ "gpus" N "resources" MAP "env" MAP).
+security context, resources; for the trainer ("trainer" true) also the preemption hook. Call with
+(dict "root" $ "gpus" N "resources" MAP "env" MAP "trainer" BOOL).
+
+The preemption hook: kubelet runs preStop before it sends SIGTERM, and the grace period counts from its start.
+The hook writes the flag (the trainer saves at its next step boundary and then removes the flag) and waits for
+that, at most the grace period less 35 s: torchrun needs 30 s after SIGTERM to stop its workers. The trainer gets
+the wait less 5 s as its save budget (LENS_PREEMPT_GRACE_S).
 */}}
 {{- define "consistency-lens.container" -}}
 {{- $v := .root.Values -}}
@@ -175,8 +181,16 @@ imagePullPolicy: {{ $v.image.pullPolicy }}
 env:
   - name: LENS_RUN_NAME
     value: {{ $v.run.name | quote }}
+  {{- if .trainer }}
   - name: LENS_PREEMPT_FLAG
     value: {{ $v.preemption.preStopFlag | quote }}
+  - name: LENS_PREEMPT_GRACE_S
+    value: {{ include "consistency-lens.preStopWait" .root | int | add -5 | quote }}
+  # Each rendezvous round's rank 0 hosts a fresh store for the process group: a shared agent store keeps keys of
+  # dead workers, and its address is cached per agent, which breaks when a replacement node becomes rank 0.
+  - name: TORCH_DISABLE_SHARE_RDZV_TCP_STORE
+    value: "1"
+  {{- end }}
   {{- with $v.storage.endpointUrl }}
   - name: AWS_ENDPOINT_URL
     value: {{ . | quote }}
@@ -224,11 +238,14 @@ volumeMounts:
     mountPath: /dev/shm
   - name: tmp
     mountPath: /tmp
+{{- if .trainer }}
+{{- $flag := $v.preemption.preStopFlag }}
 lifecycle:
   preStop:
     exec:
-      # Runs before SIGTERM (pod deletion, spot drain): the trainer sees the flag and checkpoints at once.
-      command: ["/bin/sh", "-c", {{ printf "date -u +%%s > %s" $v.preemption.preStopFlag | quote }}]
+      # Runs before SIGTERM (pod deletion, spot drain): the trainer sees the flag, checkpoints and removes it.
+      command: ["/bin/sh", "-c", {{ printf "date -u +%%s > %s; i=0; while [ -e %s ] && [ $i -lt %d ]; do sleep 1; i=$((i+1)); done" $flag $flag (include "consistency-lens.preStopWait" .root | int) | quote }}]
+{{- end }}
 securityContext:
   allowPrivilegeEscalation: false
   privileged: false
@@ -245,4 +262,9 @@ securityContext:
 resources:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* Seconds the preStop hook waits for the trainer's preemption checkpoint (see consistency-lens.container). */}}
+{{- define "consistency-lens.preStopWait" -}}
+{{- sub .Values.preemption.terminationGracePeriodSeconds 35 -}}
 {{- end -}}
