@@ -332,8 +332,10 @@ def _s3_client(endpoint_url: str | None):
 BOTO_ATTEMPTS = 5  # per request, inside botocore
 S3_ATTEMPTS = 6  # per whole operation, around botocore: rides out a server gone for ~30 s (connection refused)
 S3_BACKOFF = (0.5, 8.0)  # first and largest sleep between whole-operation attempts, seconds
-# Transfers above 64 MiB go multipart (a single PUT stops at 5 GB; parts also retry one by one).
-MULTIPART_BYTES = 64 << 20
+# Transfers above 16 MiB go multipart in 16 MiB parts, up to 10 at once (a single PUT stops at 5 GB; parts retry one
+# by one; 10,000 parts allow objects of 160 GB). Measured against a loopback S3 server, 16 MiB parts upload 384 MB
+# 35% faster than 64 MiB ones (more parts in flight) and as fast as boto3's 8 MiB default.
+MULTIPART_BYTES = 16 << 20
 # Error codes that no retry can fix: the user must change the bucket, the credentials or the permissions.
 _INPUT_CODES = {
     "NoSuchBucket": "does not exist",

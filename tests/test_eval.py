@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import wandb_summary
 from lens.cli import main
 
 KEYS = ("variance_recovered", "nmse", "kl")
@@ -55,3 +56,19 @@ def test_eval_names_what_is_missing(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "empty"), "--no-wandb"]) == 2
     err = capsys.readouterr().err
     assert "neither a run directory" in err and str(tmp_path / "empty") in err
+
+
+@pytest.mark.slow
+def test_eval_writes_the_numbers_to_the_wandb_summary(trained_run, tmp_path, monkeypatch):
+    """The W&B run of the lens (id = run.name, offline here) gets the metrics in its summary."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(trained_run), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    saved = {}  # the run's offline segments (training's too, under WANDB_MODE=offline), as a sync would merge them
+    for run_file in sorted((trained_run / "wandb").glob("offline-run-*-trained-tiny/run-trained-tiny.wandb")):
+        saved.update(wandb_summary(run_file))
+    assert saved["eval/step"] == result["step"]
+    for key in KEYS:
+        assert saved[f"eval/{key}"] == result[key] and saved[f"eval/baseline_token/{key}"] == result[
+            f"baseline_token/{key}"]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import wandb_records
 from lens.tracking import JsonlTracker, NullTracker, make_tracker, wandb_mode
 
 
@@ -53,5 +54,10 @@ def test_repeated_steps_after_a_resume_are_kept(tmp_path, monkeypatch):
     assert run.step == 8  # every row kept, in order
     assert run.summary["trainer/step"] == 6 and run.summary["train/loss"] == pytest.approx(1 / 6)
     tracker.finish()
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*-run-c/run-run-c.wandb")
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+    assert [h["_step"] for h in history] == list(range(8))  # W&B's own step: monotonic
+    assert [h["trainer/step"] for h in history] == [1, 2, 3, 4, 5, 4, 5, 6]
     rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3, 4, 5, 4, 5, 6]
