@@ -1,7 +1,7 @@
 """Storage: the only module that knows local paths from ``s3://`` URIs.
 
 Everything else names objects by *keys*: ``/``-separated paths relative to a root URI, such as
-``checkpoints/step-00000100/weights.safetensors``. :func:`open_storage` turns the root URI into a backend:
+``checkpoints/step-00000100/state.json``. :func:`open_storage` turns the root URI into a backend:
 
 * a local path (``runs/x``, ``/abs/runs/x`` or ``file:///abs/runs/x``) -> :class:`LocalStorage`;
 * ``s3://bucket/prefix`` -> :class:`S3Storage` (boto3, also any S3-compatible endpoint).
