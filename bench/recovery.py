@@ -30,7 +30,7 @@ from transformers.utils import logging as hf_logging
 
 from lens.config import load_config
 from lens.launch import local_manifests
-from lens.launch.chaos import S3_TEST_ENV, ChaosRun, HoldingProxy, S3Server
+from lens.launch.chaos import S3_TEST_ENV, ChaosRun, FaultProxy, S3Server
 
 KINDS = ("worker", "upload", "preempt", "node")
 
@@ -97,7 +97,7 @@ def main() -> None:
             os.environ[key] = value
         server = S3Server(tmp / "moto.log")
         server.client().create_bucket(Bucket="bench")
-        proxy = HoldingProxy(server.port)
+        proxy = FaultProxy(server.port)
         model = random_llama(args.d_model, args.layers, tmp / "model")
         config = tmp / "config.yaml"
         config.write_text(yaml.safe_dump(run_config(model, f"http://127.0.0.1:{proxy.port}", steps, args.every)))

@@ -12,13 +12,11 @@ import yaml
 from lens.config import LensConfig, from_dictconfig, to_dict
 from lens.data.batches import ActivationData
 from lens.evaluate import evaluate
-from lens.models.hub import load_model
+from lens.models.hub import DTYPES, load_model
 from lens.models.lens_model import LensModel
 from lens.train.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger("lens")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -43,7 +41,7 @@ def load_lens(uri: str, endpoint_url: str | None = None, device: torch.device | 
     checkpoint = load_checkpoint(uri, endpoint_url)
     cfg = from_dictconfig(yaml.safe_load(checkpoint.config_yaml))
     device = device or default_device()
-    lm, tokenizer = load_model(cfg.model.name, _DTYPES[cfg.model.dtype])
+    lm, tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
     model = LensModel(cfg, lm.to(device), tokenizer).to(device)
     model.load_trainable_state({k: v.to(device) for k, v in checkpoint.weights.items()})
     model.eval()

@@ -22,7 +22,7 @@ from _chart_tools import helm_env  # noqa: F401
 from conftest import tiny_run_config
 from lens.config import load_config
 from lens.launch import local_manifests
-from lens.launch.chaos import S3_TEST_ENV, ChaosRun, HoldingProxy, S3Server
+from lens.launch.chaos import S3_TEST_ENV, ChaosRun, FaultProxy, S3Server
 from lens.train.checkpoint import load_checkpoint
 
 STEPS, EVERY, BATCH = 240, 10, 12
@@ -33,7 +33,7 @@ def s3(tmp_path_factory):
     root = tmp_path_factory.mktemp("chaos-s3")
     server = S3Server(root / "moto.log")
     server.client().create_bucket(Bucket="chaos")
-    proxy = HoldingProxy(server.port)
+    proxy = FaultProxy(server.port)
     yield {"server": server, "proxy": proxy, "endpoint": f"http://127.0.0.1:{proxy.port}"}
     proxy.release()
     server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -9,12 +10,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
 import boto3
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -451,8 +454,6 @@ def _save_as_ranks(storage: Storage, world: int, step: int, weights, optimizer_s
     """Run `save` on `world` threads standing in for ranks, with an `all_ok` that is a real rendezvous of them.
     Returns each rank's result (a folder name) or the exception it raised. `fail_rank` (local storage only):
     that rank's part upload fails."""
-    import threading
-
     barrier, votes, lock = threading.Barrier(world), [], threading.Lock()
     round_ok = {}
 
@@ -493,21 +494,12 @@ def _save_as_ranks(storage: Storage, world: int, step: int, weights, optimizer_s
     return results
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
-def test_ranks_upload_disjoint_parts(request, tmp_path, backend):
-    if backend == "s3":
-        bucket, endpoint = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_endpoint")
-        storage = open_storage(f"s3://{bucket}/parts", endpoint_url=endpoint)
-    else:
-        storage = open_storage(str(tmp_path / "run"))
+def test_ranks_upload_disjoint_parts(storage):
     model, optimizer = _trained_adamw()
     weights = {**_weights(model), **{f"big{i}": torch.randn(1000 + i) for i in range(5)}}
     assert _save_as_ranks(storage, 3, 4, weights, optimizer.state_dict()) == ["step-00000004"] * 3
     folder = storage.sub("checkpoints/step-00000004")
     parts = [f"tensors-{r:05d}-of-00003.safetensors" for r in range(3)]
-    import json
-
-    import safetensors.torch
     assert json.loads(folder.read_bytes("COMMITTED"))["parts"] == parts
     names = [set(safetensors.torch.load(folder.read_bytes(p))) for p in parts]
     assert all(names) and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
@@ -538,13 +530,7 @@ def test_latest_never_moves_back(tmp_path):
     assert manager.load_latest().step == 5
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
-def test_conditional_write(request, tmp_path, backend):
-    if backend == "s3":
-        bucket, endpoint = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_endpoint")
-        storage = open_storage(f"s3://{bucket}/cas", endpoint_url=endpoint)
-    else:
-        storage = open_storage(str(tmp_path))
+def test_conditional_write(storage):
     assert storage.write_if("p", b"one", None)
     assert not storage.write_if("p", b"two", None)  # exists already
     data, version = storage.read_versioned("p")

@@ -104,62 +104,26 @@ def test_appended_unknown_key(workdir, capsys):
     assert names(line, "foo")
 
 
-def test_wrong_type(workdir, capsys):
-    assert names(rejected(workdir, capsys, "train.max_steps=abc"), "train.max_steps")
+BAD_VALUES = [  # overrides, the key the error must name, what else the line must say (the valid range, the fix)
+    (["train.max_steps=abc"], "train.max_steps", []),
+    (["model.dtype=fp8"], "model.dtype", ["float32", "bfloat16"]),
+    (["model.layer=99"], "model.layer", ["[0, 3]"]),  # the tiny Llama has 4 blocks
+    (["encoder.layer=-5"], "encoder.layer", []),
+    (["encoder.layer=4"], "encoder.layer", ["[0, 3]"]),
+    (["loss.resample_ablation=true"], "loss.resample_ablation", ["data.on_the_fly"]),
+    (["data.on_the_fly=false"], "data.activations", ["data.on_the_fly=false"]),
+    (["decoder.prompt='<bos>Explain this:'"], "decoder.prompt", ["<embed>"]),
+    (["schedules.tau.ramp=2x"], "schedules.tau.ramp", ['"500s"']),
+    (["optim.min_lr=0.01"], "optim.min_lr", ["optim.lr"]),
+    (["train.micro_batch_size=7"], "train.micro_batch_size", ["train.batch_size (6)"]),
+    (["loss.grpo_weight=1", "loss.kl_weight=0.5"], "loss.kl_weight", ["loss.grpo_weight"]),
+]
 
 
-def test_dtype_not_a_choice(workdir, capsys):
-    line = rejected(workdir, capsys, "model.dtype=fp8")
-    assert names(line, "model.dtype") and "float32" in line and "bfloat16" in line
-
-
-def test_layer_out_of_range_for_the_model(workdir, capsys):
-    line = rejected(workdir, capsys, "model.layer=99")
-    assert names(line, "model.layer") and "[0, 3]" in line  # the tiny Llama has 4 blocks
-
-
-def test_encoder_layer_negative(workdir, capsys):
-    assert names(rejected(workdir, capsys, "encoder.layer=-5"), "encoder.layer")
-
-
-def test_encoder_layer_out_of_range(workdir, capsys):
-    line = rejected(workdir, capsys, "encoder.layer=4")
-    assert names(line, "encoder.layer") and "[0, 3]" in line
-
-
-def test_resample_ablation_with_on_the_fly_data(workdir, capsys):
-    line = rejected(workdir, capsys, "loss.resample_ablation=true")
-    assert names(line, "loss.resample_ablation") and "data.on_the_fly" in line
-
-
-def test_dump_data_without_activations(workdir, capsys):
-    line = rejected(workdir, capsys, "data.on_the_fly=false")
-    assert names(line, "data.activations") and "data.on_the_fly=false" in line
-
-
-def test_decoder_prompt_without_slot(workdir, capsys):
-    line = rejected(workdir, capsys, "decoder.prompt='<bos>Explain this:'")
-    assert names(line, "decoder.prompt") and "<embed>" in line
-
-
-def test_bad_duration(workdir, capsys):
-    line = rejected(workdir, capsys, "schedules.tau.ramp=2x")
-    assert names(line, "schedules.tau.ramp") and '"500s"' in line
-
-
-def test_min_lr_above_lr(workdir, capsys):
-    line = rejected(workdir, capsys, "optim.min_lr=0.01")
-    assert names(line, "optim.min_lr") and "optim.lr" in line
-
-
-def test_micro_batch_above_batch(workdir, capsys):
-    line = rejected(workdir, capsys, "train.micro_batch_size=7")
-    assert names(line, "train.micro_batch_size") and "train.batch_size (6)" in line
-
-
-def test_grpo_with_kl_weight(workdir, capsys):
-    line = rejected(workdir, capsys, "loss.grpo_weight=1", "loss.kl_weight=0.5")
-    assert names(line, "loss.kl_weight") and "loss.grpo_weight" in line
+@pytest.mark.parametrize("overrides, key, hints", BAD_VALUES, ids=[" ".join(o) for o, _, _ in BAD_VALUES])
+def test_bad_value_is_named_with_the_fix(workdir, capsys, overrides, key, hints):
+    line = rejected(workdir, capsys, *overrides)
+    assert names(line, key) and all(hint in line for hint in hints)
 
 
 def test_missing_config_file(workdir, capsys):

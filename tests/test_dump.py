@@ -12,13 +12,11 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import boto3
@@ -26,6 +24,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load as load_safetensors
+
+from lens.launch.chaos import FaultProxy, S3Server
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,32 +46,13 @@ SLOW = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
     """A moto_server process on 127.0.0.1; yields {"endpoint", "proc"}."""
-    port = _free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "moto_server did not start"
-            time.sleep(0.1)
-    yield {"endpoint": f"http://127.0.0.1:{port}", "proc": proc}
-    proc.send_signal(signal.SIGCONT)  # in case a failed test left it frozen
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield {"endpoint": server.endpoint, "proc": server.proc}
+    server.proc.send_signal(signal.SIGCONT)  # in case a failed test left it frozen
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -219,58 +200,9 @@ def test_s3_server_frozen_mid_dump_then_back(world, reference):
     assert objects(world, "frozen") == reference
 
 
-class Proxy:
-    """A TCP proxy on 127.0.0.1 in front of the S3 server. `down()` closes it and every open connection (clients
-    then see connection refused / reset, as when a server restarts); `up()` listens again on the same port."""
-
-    def __init__(self, target_port: int):
-        self.port, self.target, self.conns = _free_port(), target_port, []
-        self.up()
-
-    def up(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self.sock,), daemon=True).start()
-
-    def down(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() below
-        self.sock.close()
-        for c in self.conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-                c.close()
-            except OSError:
-                pass
-        self.conns = []
-
-    def _accept(self, sock) -> None:
-        while True:
-            try:
-                client, _ = sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b) -> None:
-        try:
-            while data := a.recv(1 << 16):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for c in (a, b):
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
 @pytest.mark.slow
 def test_s3_connections_refused_mid_dump_then_back(world, reference):
-    proxy = Proxy(int(world["moto"]["endpoint"].rsplit(":", 1)[1]))
+    proxy = FaultProxy(int(world["moto"]["endpoint"].rsplit(":", 1)[1]))
     world = {**world, "env": {**world["env"], "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}}
     proc = start_dump(world, "refused", pause=0.3)
     wait_for_shards(world, "refused", 1, proc)
@@ -411,7 +343,7 @@ def test_s3_operations_retry_until_the_server_is_back(world, s3_env, monkeypatch
 
     monkeypatch.setattr(lens.storage, "BOTO_ATTEMPTS", 1)
     monkeypatch.setattr(lens.storage, "S3_BACKOFF", (0.2, 1.0))
-    proxy = Proxy(int(world["moto"]["endpoint"].rsplit(":", 1)[1]))
+    proxy = FaultProxy(int(world["moto"]["endpoint"].rsplit(":", 1)[1]))
     storage = open_storage("s3://acts/retry", endpoint_url=f"http://127.0.0.1:{proxy.port}")
     storage.write_bytes("a", b"before")
     proxy.down()

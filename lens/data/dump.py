@@ -33,12 +33,11 @@ from lens.data.corpus import Corpus, _tokenizer_digest, sample_positions
 from lens.data.shards import FORMAT, MANIFEST, PLAN, SPLITS, all_shard_keys, manifest_mismatch, n_shards, read_json, \
     shard_key
 from lens.errors import InputError
-from lens.models.hub import load_model
+from lens.models.hub import DTYPES, load_model
 from lens.models.orig import Orig
 from lens.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -116,7 +115,7 @@ def dump(cfg: LensConfig, index: int | None = None, count: int | None = None) ->
         raise InputError("data.activations is not set; expected the dump target (a local path or s3://bucket/prefix)")
     storage = open_storage(cfg.data.activations, cfg.storage.endpoint_url)
     storage.check()  # a missing bucket or bad credentials fail now, not after the model has loaded
-    lm, tokenizer = load_model(cfg.model.name, _DTYPES[cfg.model.dtype])
+    lm, tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
     d_model = lm.config.hidden_size
     check_against_model(cfg, lm.config.num_hidden_layers, d_model)
     corpus = Corpus.build(cfg.data, tokenizer)
@@ -170,7 +169,7 @@ def write_shard(storage: Storage, key: str, orig: Orig, samples: SplitSamples, s
     """Capture samples [shard * shard_size, ...) of one split and publish them as one safetensors object."""
     lo = shard * cfg.data.shard_size
     hi = min(lo + cfg.data.shard_size, len(samples))
-    dtype = _DTYPES[cfg.model.dtype]
+    dtype = DTYPES[cfg.model.dtype]
     tensors = {"input_ids": samples.input_ids[lo:hi].contiguous(), "token_pos": samples.token_pos[lo:hi].contiguous()}
     tensors["A"] = capture(orig, tensors["input_ids"], tensors["token_pos"], cfg.model.layer,
                            cfg.data.dump_batch_size, device).to(dtype)

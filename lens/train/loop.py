@@ -20,7 +20,7 @@ from lens.data.batches import ActivationData
 from lens.data.source import SampleCursor, split_for_rank
 from lens.errors import InputError
 from lens.evaluate import evaluate
-from lens.models.hub import load_model
+from lens.models.hub import DTYPES, load_model
 from lens.models.lens_model import LensModel, activation_scale
 from lens.models.orig import Orig
 from lens.objective import Knobs, lens_losses
@@ -61,10 +61,6 @@ class Meter:
         self.tokens += tokens
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def _get(cfg_dict: dict, dotted: str):
     for part in dotted.split("."):
         cfg_dict = cfg_dict.get(part) if isinstance(cfg_dict, dict) else None
@@ -90,7 +86,7 @@ class Trainer:
         if self.dist.world > cfg.train.batch_size:
             raise InputError(f"config error: train.batch_size={cfg.train.batch_size} is invalid; expected at least "
                              f"the number of processes ({self.dist.world}), so every rank has samples")
-        lm, self.tokenizer = load_model(cfg.model.name, _dtype(cfg.model.dtype))
+        lm, self.tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
         lm.to(self.device)
         orig = Orig(lm)
         lens_config.check_against_model(cfg, orig.parts.n_layers, orig.parts.d_model)  # before the slow parts
