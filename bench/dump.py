@@ -113,11 +113,11 @@ def main() -> None:
     n_layers = lm.config.num_hidden_layers
     corpus = Corpus.build(cfg.data, tokenizer)
     samples = split_samples(corpus, "train", cfg.run.seed, cfg.data.min_pos, prime=False)
-    ids, pos = samples.input_ids, samples.token_pos
+    ids, pos = samples.rows[:], samples.token_pos
     lm = lm.to(device)
     orig = Orig(lm)
 
-    early, t_early = timed(lambda: capture(orig, ids, pos, args.layer, args.batch, device), args.repeats)
+    early, t_early = timed(lambda: capture(orig, ids, pos, [args.layer], args.batch, device)[args.layer], args.repeats)
     full, t_full = timed(lambda: full_depth(lm, ids, pos, args.layer, args.batch, device), args.repeats)
     err = float((early - full).abs().max() / full.abs().max())
     n = len(ids)

@@ -30,7 +30,8 @@ from transformers.utils import logging as hf_logging
 
 from lens.config import load_config
 from lens.launch import local_manifests
-from lens.launch.chaos import S3_TEST_ENV, ChaosRun, FaultProxy, S3Server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fault harness lives with the tests
+from _chaos import S3_TEST_ENV, ChaosRun, FaultProxy, S3Server  # noqa: E402
 
 KINDS = ("worker", "upload", "preempt", "node")
 
@@ -104,7 +105,7 @@ def main() -> None:
         docs = local_manifests(load_config(config), {"workers": {"minReplicas": 1, "maxReplicas": 2}}, workers=2)
         os.chdir(tmp)
         try:
-            with ChaosRun(docs, echo=args.echo, seed=0) as run:
+            with ChaosRun(docs, tmp / "wandb-local" / "events.jsonl", echo=args.echo, seed=0) as run:
                 run.wait_step(args.every + 2)
                 for i in range(args.faults):
                     kind = KINDS[i % len(KINDS)]
@@ -156,7 +157,7 @@ def single_process_save_seconds(server: S3Server) -> float:
     ckpt = load_checkpoint("s3://bench/recovery", server.endpoint)
     manager = CheckpointManager(open_storage("s3://bench/single", server.endpoint))
     start = time.perf_counter()
-    manager.save(ckpt.step, ckpt.weights, ckpt.optimizer_state, ckpt.state, ckpt.config_yaml)
+    manager.save(ckpt.step, ckpt.read(), ckpt.state, ckpt.config_yaml)
     return time.perf_counter() - start
 
 

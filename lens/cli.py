@@ -1,7 +1,8 @@
 """`lens` command line: parse, compose and validate the config, call one function, map the outcome to an exit code.
 
-Exit codes: 0 done; 2 bad input (config, arguments, data); anything else is a retryable failure (the cluster
-restarts the pod and training resumes from the newest checkpoint).
+Exit codes (`lens.errors`): 0 done; 2 bad input (config, arguments, data), reported in one line on stderr before
+any work or write; 128 and above a fault that may pass (the cluster restarts the pod and training resumes from the
+newest checkpoint): 128 an error that outlasted its retries, 128 + N a signal (143 SIGTERM, 130 SIGINT).
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lens.errors import InputError
+from lens.errors import EXIT_INPUT, EXIT_RETRYABLE, InputError, RetryableError
 
 if TYPE_CHECKING:
     from lens.explain import TextExplanation
@@ -35,6 +39,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     train(cfg)
     return 0
+
+
+def _cmd_torchrun(args: argparse.Namespace) -> int:
+    from lens.agent import run
+
+    return run(args.torchrun_args)
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
@@ -60,15 +70,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lens.inference import evaluate_lens, load_lens
     from lens.tracking import make_tracker, run_files_dir
 
+    if args.samples is not None and args.samples < 1:
+        raise InputError(f"--samples: {args.samples} is invalid; expected an integer >= 1 (held-out samples), or "
+                         "leave it out for the run's train.eval_samples")
+    if args.json:
+        check_output_file(args.json, "--json")
     _quiet_hf_progress()
     lens = load_lens(args.run, args.endpoint_url)
     metrics = evaluate_lens(lens, args.data, args.samples)
     step = lens.checkpoint.step
     print(format_eval_table(metrics, f"{lens.checkpoint.uri} (step {step})"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"checkpoint": lens.checkpoint.uri, "step": step, "data": args.data or "run", **metrics}, f,
-                      indent=1)
+        write_output_file(args.json, "--json", json.dumps({"checkpoint": lens.checkpoint.uri, "step": step,
+                                                           "data": args.data or "run", **metrics}, indent=1))
     if not args.no_wandb:  # the W&B run of this lens (same id) gets the numbers in its summary
         cfg = lens.cfg
         tracker = make_tracker(cfg.wandb.project, cfg.wandb.entity, cfg.run.name, cfg.wandb.mode, {},
@@ -79,12 +93,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def format_eval_table(metrics: dict[str, float], title: str) -> str:
-    """The lens next to its baselines: one row each, variance recovered / normalised MSE / functional KL."""
+    """The lens next to its baselines: one row each, FVE on unit-normalised vectors / cosine / variance recovered /
+    normalised MSE / functional KL."""
     rows = [("lens", ""), ("current token only", "baseline_token/"), ("mean", "baseline_mean/"),
             ("zero", "baseline_zero/")]
-    lines = [title, f"{'':<20}{'var. recovered':>16}{'norm. MSE':>12}{'KL (nats)':>12}"]
+    lines = [title, f"{'':<20}{'fve_nrm':>10}{'cosine':>10}{'var. recovered':>16}{'norm. MSE':>12}{'KL (nats)':>12}"]
     for label, prefix in rows:
-        lines.append(f"{label:<20}{metrics[prefix + 'variance_recovered']:>16.4f}{metrics[prefix + 'nmse']:>12.4f}"
+        lines.append(f"{label:<20}{metrics[prefix + 'fve_nrm']:>10.4f}{metrics[prefix + 'cosine']:>10.4f}"
+                     f"{metrics[prefix + 'variance_recovered']:>16.4f}{metrics[prefix + 'nmse']:>12.4f}"
                      f"{metrics[prefix + 'kl']:>12.4f}")
     return "\n".join(lines)
 
@@ -94,6 +110,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from lens.inference import load_lens
 
     check_request(args.text, args.best_of)  # before the slow load
+    if args.html:
+        check_output_file(args.html, "--html")
     _quiet_hf_progress()
     lens = load_lens(args.run, args.endpoint_url)
     report = explain(lens, args.text, args.best_of)
@@ -101,10 +119,41 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if args.html:
         from lens.html_report import render
 
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write(render(report))
+        write_output_file(args.html, "--html", render(report))
         print(f"wrote {args.html}")
     return 0
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Fail now, before the model loads, if `path` cannot be written: create and remove a scratch file beside it
+    (the only test that also holds for root and for read-only mounts)."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{flag} {path}: is a directory; expected a file path")
+    folder = target.parent
+    if not folder.is_dir():
+        raise InputError(f"{flag} {path}: the folder {str(folder)!r} does not exist; create it or choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write in {str(folder)!r} ({e.strerror}); choose a writable "
+                         "path") from None
+
+
+def write_output_file(path: str, flag: str, text: str) -> None:
+    """Write `text` to `path` atomically (a scratch file beside it, then a rename): a failed write leaves any
+    older file whole."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except OSError as e:
+        os.unlink(tmp)
+        raise InputError(f"{flag} {path}: writing failed ({e.strerror}); free space or choose another path") \
+            from None
 
 
 def format_explain_table(report: TextExplanation) -> str:
@@ -148,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None,
                    help="number of workers (default: $JOB_COMPLETION_COUNT, else 1)")
     p.set_defaults(fn=_cmd_dump)
+    p = sub.add_parser("torchrun", help="torchrun ARGS, keeping exit 2 for bad input (what a cluster pod runs)",
+                       description="Run `torchrun ARGS` in this process: a `lens train|dump` config is validated "
+                       "before any worker starts; a worker's exit 2 stops torchrun and exits 2 (no restarts); other "
+                       "failures exit 128 or above (retryable). Example: lens torchrun --nproc-per-node 2 "
+                       "--no-python lens train conf/smollm2_135m.yaml")
+    p.add_argument("torchrun_args", nargs=argparse.REMAINDER, help="torchrun's arguments and entrypoint")
+    p.set_defaults(fn=_cmd_torchrun)
     p = sub.add_parser("eval", help="held-out metrics of a trained lens next to the zero / mean / token baselines")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
                    help="run directory (its newest committed checkpoint) or checkpoint folder; local or s3://")
@@ -175,18 +231,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["torchrun"] and argv[1:2] not in (["-h"], ["--help"]):  # all of the rest is torchrun's
+        args = argparse.Namespace(command="torchrun", fn=_cmd_torchrun, torchrun_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)  # a bad argument: argparse's usage line and exit 2
     _setup_logging()
-    from lens.train.preemption import EXIT_CODE, Preempted
+    from lens.train.preemption import Preempted
 
     try:
         return args.fn(args)
     except InputError as e:
-        print(f"lens {args.command}: {e}", file=sys.stderr)
-        return 2
+        report_input_error(f"lens {args.command}: {e}")
+        return EXIT_INPUT
     except Preempted as e:
         print(f"lens {args.command}: {e}", file=sys.stderr)
-        return EXIT_CODE
+        return e.exit_code
+    except RetryableError as e:
+        print(f"lens {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: abort at once, the last checkpoint stays the resume point
+        print(f"lens {args.command}: interrupted; the next start resumes from the newest checkpoint", file=sys.stderr)
+        return 128 + 2
+    except Exception:  # anything else may pass (an outage that outlasted its retries, a lost peer): retryable
+        traceback.print_exc()
+        print(f"lens {args.command}: failed (exit {EXIT_RETRYABLE}, retryable); the next start resumes from the "
+              "newest checkpoint", file=sys.stderr)
+        return EXIT_RETRYABLE
+
+
+def report_input_error(line: str) -> None:
+    """The one stderr line of an exit 2; under `lens torchrun` also handed to the agent (`LENS_INPUT_ERROR_FILE`),
+    which then stops at once instead of restarting workers that will fail again."""
+    line = " ".join(line.split())
+    print(line, file=sys.stderr)
+    marker = os.environ.get("LENS_INPUT_ERROR_FILE")
+    if marker:
+        try:
+            with open(marker, "x") as f:  # the first rank's line wins
+                f.write(line + "\n")
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -55,6 +55,22 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(key, value, "a non-negative number" if allow_zero else "a positive number")
 
 
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def _no_url_credentials(key: str, value: Any) -> None:
+    """A URL with `user:password@` would put the secret into the ConfigMap, every checkpoint and W&B."""
+    if isinstance(value, str) and _URL_USERINFO.match(value):
+        raise ConfigError(key, _URL_USERINFO.sub(r"\1***@", value), "a URL without credentials (user:password@): "
+                          "give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (on a cluster: secrets.aws)")
+
+
+def _attr(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 @dataclass
 class RunConfig:
     name: str = "smollm2-135m-lens"
@@ -251,12 +267,25 @@ class TrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 3
     """Committed checkpoints to keep (the newest ones)."""
+    async_checkpoint: bool = False
+    """Upload checkpoints in the background (dcp.async_save): a save blocks training only while this rank's
+    shards are copied to host memory; the checkpoint counts once the upload finished (a preemption waits for it)."""
     log_every: int = 10
     """Steps between log lines."""
     eval_every: int = 100
     """Steps between held-out evaluations (0: only at the end)."""
     eval_samples: int = 256
     """Held-out activations per evaluation."""
+    eval_explanations: int = 4
+    """Held-out positions explained at every evaluation (log lines and a W&B table): fixed ones, evenly spaced over
+    the eval_samples, so the same positions are shown at every evaluation and after a resume (0: none)."""
+    parallel: str = "auto"
+    """Data parallelism: "ddp" (every rank holds the whole lens, gradients all-reduced), "fsdp" (FSDP2: trainable
+    copies, their gradients and AdamW state sharded over the ranks per transformer block) or "auto" (fsdp when a
+    base is trainable and there are several ranks, ddp otherwise)."""
+    sync_every_micro_batch: bool = False
+    """fsdp: reduce-scatter the gradients after every micro-batch instead of once per step. Less memory (no
+    unsharded gradient is kept between micro-batches), more traffic: for GPUs too small for the gradient."""
     collective_timeout: int = 300
     """Seconds a rank waits in a collective before giving up: bounds how long survivors of a vanished peer hang
     before their agent re-forms the group. Must exceed the longest wait a healthy rank has (rank 0's evaluation)."""
@@ -266,8 +295,10 @@ class TrainConfig:
                      "keep_checkpoints", "collective_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", getattr(self, name), "an integer >= 1")
-        if self.eval_every < 0:
-            raise ConfigError("train.eval_every", self.eval_every, "an integer >= 0")
+        for name in ("eval_every", "eval_explanations"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}", getattr(self, name), "an integer >= 0")
+        _one_of("train.parallel", self.parallel, ("auto", "ddp", "fsdp"))
 
 
 @dataclass
@@ -293,6 +324,15 @@ class DataConfig:
     """`lens dump`: samples per activation shard (the unit of work, of skipping on rerun, and of reading)."""
     dump_batch_size: int = 64
     """`lens dump`: sequences per capture forward."""
+    layers: list[int] = field(default_factory=list)
+    """`lens dump`: blocks captured in one forward into one dump (empty: [model.layer]); training reads model.layer."""
+    tokens: Optional[str] = None
+    """Token store (the corpus tokenized once; local path or s3://), built by the data Job. None: next to the dump
+    (<data.activations>/tokens) when training from one, else this machine's cache, built by whoever needs it."""
+    token_shard_docs: int = 4096
+    """Documents per token-store shard (the unit of work, of skipping on rerun, and of fetching)."""
+    wait_timeout: float = 3600.0
+    """Seconds the trainer waits for a token store or dump another job is writing, then exits to be restarted."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -301,7 +341,9 @@ class DataConfig:
             raise ConfigError("data.min_pos", self.min_pos, f"an integer in [0, data.seq_len={self.seq_len})")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("data.val_fraction", self.val_fraction, "a fraction in (0, 1)")
-        for name in ("shard_size", "dump_batch_size"):
+        if self.wait_timeout < 0:
+            raise ConfigError("data.wait_timeout", self.wait_timeout, "seconds >= 0")
+        for name in ("shard_size", "dump_batch_size", "token_shard_docs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}", getattr(self, name), "an integer >= 1")
 
@@ -340,9 +382,14 @@ class LensConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
+        for key in ("storage.endpoint_url", "run.dir", "data.activations", "data.corpus", "model.name"):
+            _no_url_credentials(key, _attr(self, key))
         if self.loss.resample_ablation and self.data.on_the_fly:
             raise ConfigError("loss.resample_ablation", True, "false with data.on_the_fly=true (A' pairs come "
                               "from a dump: set data.on_the_fly=false and data.activations)")
+        if self.loss.resample_ablation and self.loss.grpo_weight > 0:
+            raise ConfigError("loss.resample_ablation", True, "false with loss.grpo_weight > 0 (the GRPO objective "
+                              "has no resample-ablation term)")
         if not self.data.on_the_fly and not self.data.activations:
             raise ConfigError("data.activations", self.data.activations, "a local path or s3:// URI when "
                               "data.on_the_fly=false")
@@ -364,8 +411,61 @@ def _valid_keys(node: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
+# Keys of the research code this project replaces (its Hydra configs), answered with the key that replaces each.
+RESEARCH_KEYS = {
+    "layer_l": "model.layer",
+    "model_name": "model.name",
+    "t_text": "decoder.t_text",
+    "batch_size": "train.batch_size",
+    "max_train_steps": "train.max_steps",
+    "gradient_accumulation_steps": "train.micro_batch_size (accumulation is train.batch_size / "
+                                   "train.micro_batch_size per process, adapted to the number of processes)",
+    "learning_rate": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "grad_clip": "optim.grad_clip",
+    "lm_base_weight": "loss.lm_weight",
+    "kl_base_weight": "loss.kl_weight",
+    "mse_weight": "loss.mse_weight",
+    "entropy_weight": "loss.entropy_weight",
+    "resample_ablation": "loss.resample_ablation",
+    "lm_loss_natural_prefix": "loss.lm_prefix",
+    "GRPO_weight": "loss.grpo_weight",
+    "GRPO_beta": "loss.grpo_beta",
+    "group_n": "loss.group_size",
+    "gumbel_tau_schedule": "schedules.tau",
+    "alpha_schedule": "schedules.alpha",
+    "entropy_schedule": "schedules.entropy",
+    "activation_dir": "data.activations",
+    "dataset.on_the_fly.enabled": "data.on_the_fly",
+    "trainable_components.decoder.base_model": "decoder.train_base",
+    "trainable_components.encoder.base_model": "encoder.train_base",
+}
+
+
+def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for name in _valid_keys(node):
+        child = node[name] if isinstance(node, dict) else getattr(node, name)
+        keys += _leaf_keys(child, f"{prefix}{name}.") if dataclasses.is_dataclass(child) else [prefix + name]
+    return keys
+
+
+def _research_key_error(dotted: str) -> ConfigError | None:
+    """A research-code key (or a section of one, as a file's nested mapping is reported by its first part)."""
+    hits = {old: new for old, new in RESEARCH_KEYS.items() if old == dotted or old.startswith(dotted + ".")}
+    if not hits:
+        return None
+    answer = "; ".join(new if old == dotted else f"{new} for {old}" for old, new in hits.items())
+    return ConfigError(dotted, "(a key of the research code)", f"{answer}: the key that replaces it here")
+
+
 def _unknown_key_error(dotted: str) -> ConfigError:
-    """Name the first unknown part of a dotted key and the keys valid at that level."""
+    """Name the first unknown part of a dotted key, the keys valid at that level and the closest valid key."""
+    import difflib
+
+    research = _research_key_error(dotted)
+    if research:
+        return research
     node: Any = LensConfig()
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -373,8 +473,16 @@ def _unknown_key_error(dotted: str) -> ConfigError:
             node = node[part] if isinstance(node, dict) else getattr(node, part)
             continue
         where = ".".join(parts[:i]) or "top level"
+        # The closest key at this level, else a leaf anywhere whose own name is close (max_steps -> train.max_steps).
+        near = difflib.get_close_matches(part, _valid_keys(node), n=1, cutoff=0.6)
+        prefix = ".".join(parts[:i] + near)
+        if not near:
+            leaves = {k.rsplit(".", 1)[-1]: k for k in _leaf_keys(LensConfig())}
+            near = difflib.get_close_matches(part, list(leaves), n=1, cutoff=0.75)
+            prefix = leaves[near[0]] if near else ""
+        hint = f"; did you mean {prefix}?" if near else ""
         return ConfigError(".".join(parts[: i + 1]), "(unknown key)",
-                           f"a key of {where}: " + ", ".join(_valid_keys(node)))
+                           f"a key of {where}: " + ", ".join(_valid_keys(node)) + hint)
     return ConfigError(dotted, "(unknown key)", "a key of the schema")
 
 
@@ -388,6 +496,7 @@ def compose(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("CONFIG", str(path), "a path to a YAML config file, e.g. conf/smollm2_135m.yaml")
+    _check_yaml(path)
     GlobalHydra.instance().clear()
     schema = OmegaConf.structured(LensConfig)
     try:
@@ -395,21 +504,9 @@ def compose(path: str | Path, overrides: list[str] = ()) -> DictConfig:
             file_cfg = hydra_compose(config_name=path.stem)
             merged = OmegaConf.merge(schema, file_cfg)  # unknown keys in the file fail here
             OmegaConf.set_struct(merged, True)
-            from hydra._internal.config_loader_impl import ConfigLoaderImpl
-            from hydra.core.override_parser.overrides_parser import OverridesParser
-
-            parsed = OverridesParser.create().parse_overrides(list(overrides))
-            ConfigLoaderImpl._apply_overrides_to_config(parsed, merged)
-    except HydraException as e:
-        text = str(e)
-        unknown = re.search(r"Could not (?:override|append to) '([^']+)'", text)
-        if unknown:
-            raise _unknown_key_error(unknown.group(1)) from None
-        bad = re.search(r"Error merging override ([^=\s]+)=(\S*)", text)
-        if bad:
-            cause = str(e.__cause__).splitlines()[0] if e.__cause__ else "wrong type"
-            raise ConfigError(bad.group(1), bad.group(2), f"a value of the right type ({cause})") from None
-        raise ConfigError("overrides", " ".join(overrides), f"key=value overrides ({text.splitlines()[0]})") from None
+            _apply_overrides(merged, overrides)
+    except HydraException as e:  # from the file's `defaults:` list (overrides are checked in _apply_overrides)
+        raise ConfigError("CONFIG", str(path), f"a config Hydra can compose ({str(e).splitlines()[0]})") from None
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
     try:  # `+key=value` appends bypass struct mode: check the result against the schema once more
@@ -417,6 +514,54 @@ def compose(path: str | Path, overrides: list[str] = ()) -> DictConfig:
         return OmegaConf.merge(OmegaConf.structured(LensConfig), plain)
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
+
+
+def _check_yaml(path: Path) -> None:
+    """The file must be UTF-8 YAML holding a mapping of sections: said in one line (with the line and column of a
+    syntax error) before Hydra reads it, whose own errors are tracebacks for these."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("CONFIG", str(path), f"a UTF-8 text file (byte {e.start} is not UTF-8)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("CONFIG", str(path), f"valid YAML ({where}{problem})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("CONFIG", str(path), f"a YAML mapping of sections (run:, model:, train:, ...), not a "
+                          f"{type(data).__name__}")
+    for section, value in (data or {}).items():
+        if section in _valid_keys(LensConfig()) and value is not None and not isinstance(value, dict):
+            raise ConfigError(str(section), value, f"a mapping of {section}.* keys, e.g. {section}: {{KEY: VALUE}}")
+
+
+def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
+    """Apply `key=value` overrides (Hydra's grammar: lists, quoting, null; `+`/`++` add) to the composed config in
+    struct mode, so an unknown key or a wrong type is named here."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as e:
+        raise ConfigError("overrides", " ".join(overrides), f"key=value overrides ({str(e).splitlines()[0]})") \
+            from None
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_delete() or o.is_sweep_override() or o.package is not None:
+            raise ConfigError(key, o.input_line, "one key=value override (every key has a default: nothing to "
+                              "delete; sweeps and @package are not supported)")
+        try:
+            OmegaConf.update(cfg, key, o.value(), merge=True, force_add=o.is_add() or o.is_force_add())
+        except (ConfigAttributeError, ConfigKeyError):
+            raise _unknown_key_error(key) from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(key, o.input_line.split("=", 1)[-1], f"a value of the right type "
+                              f"({str(e).splitlines()[0]})") from None
 
 
 def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
@@ -461,6 +606,10 @@ def check_against_model(cfg: LensConfig, n_layers: int, d_model: int) -> None:
                           f"({cfg.model.name} has {n_layers} blocks)")
     if not 0 <= cfg.encoder_layer < n_layers:
         raise ConfigError("encoder.layer", cfg.encoder_layer, f"a block index in [0, {n_layers - 1}]")
+    for layer in cfg.data.layers:
+        if not 0 <= layer < n_layers:
+            raise ConfigError("data.layers", cfg.data.layers, f"block indices in [0, {n_layers - 1}] "
+                              f"({cfg.model.name} has {n_layers} blocks)")
     n_patch = n_layers if cfg.decoder.patch_layers == -1 else cfg.decoder.patch_layers
     if n_patch > n_layers:
         raise ConfigError("decoder.patch_layers", cfg.decoder.patch_layers, f"at most {n_layers} (or -1 for all)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lens import losses
@@ -13,6 +15,27 @@ def variance_recovered(A: torch.Tensor, A_hat: torch.Tensor) -> float:
     """1 - sum_d Var(A_d - A_hat_d) / sum_d Var(A_d) over the rows of (N, d) tensors."""
     A, A_hat = A.double(), A_hat.double()
     return float(1 - (A - A_hat).var(0).sum() / A.var(0).sum())
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm; a zero row stays zero (the zero ablation has no direction)."""
+    x = x.double()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def fve_nrm(A: torch.Tensor, A_hat: torch.Tensor) -> float:
+    """Fraction of variance explained on unit-normalised vectors (how natural-language-autoencoder results are
+    reported): with a = A/||A||, a_hat = A_hat/||A_hat|| per row, 1 - sum ||a - a_hat||^2 / sum ||a - mean(a)||^2,
+    the mean over the rows of `A`. Only directions count, so it compares across layers and models whose activation
+    norms differ. Predictions are normalised too, so a constant one (the mean ablation) scores below 0 unless the
+    directions of `A` are tightly clustered, and the zero prediction scores 1 - N / sum ||a - mean(a)||^2."""
+    a, a_hat = unit(A), unit(A_hat)
+    return float(1 - (a - a_hat).pow(2).sum() / (a - a.mean(0, keepdim=True)).pow(2).sum())
+
+
+def cosine(A: torch.Tensor, A_hat: torch.Tensor) -> float:
+    """Mean over rows of cos(A, A_hat) (0 for a zero row)."""
+    return float((unit(A) * unit(A_hat)).sum(-1).mean())
 
 
 def _chunks(batch: Batch, size: int):
@@ -101,6 +124,50 @@ def evaluate(model: LensModel, held_out: Batch, fit: Batch, micro_batch_size: in
     for name, pred in candidates.items():
         prefix = "" if name == "lens" else f"baseline_{name}/"
         metrics[f"{prefix}variance_recovered"] = variance_recovered(A, pred)
+        metrics[f"{prefix}fve_nrm"] = fve_nrm(A, pred)
+        metrics[f"{prefix}cosine"] = cosine(A, pred)
         metrics[f"{prefix}nmse"] = float(losses.normalized_mse(A, pred).mean())
         metrics[f"{prefix}kl"] = float(functional_kl(model, held_out, targets, pred, micro_batch_size).mean())
     return metrics
+
+
+@dataclass
+class SampleExplanation:
+    """The lens on one held-out position, for a reader watching training."""
+
+    sample: int
+    """Row of the held-out set."""
+    context: str
+    """The tokens around position p, the token at p in [[ ]] (the activation sees only it and what precedes it)."""
+    explanation: str
+    nmse: float
+
+
+def explained_rows(n_held_out: int, k: int) -> list[int]:
+    """`k` rows evenly spread over the held-out set: a pure function of the config, so the same positions are shown
+    at every evaluation and after a resume."""
+    k = min(k, n_held_out)
+    return [round(i * (n_held_out - 1) / max(k - 1, 1)) for i in range(k)]
+
+
+def _show(tokenizer, ids: torch.Tensor) -> str:
+    return tokenizer.decode(ids.tolist())
+
+
+@torch.no_grad()
+def explain_samples(model: LensModel, held_out: Batch, rows: list[int], micro_batch_size: int,
+                    before: int = 10, after: int = 3) -> list[SampleExplanation]:
+    """Explanations of `rows` of `held_out`, each with `before`/`after` tokens of context around its position. The
+    same forward (and Gumbel keys) as `evaluate`, so these are the held-out set's own explanations."""
+    idx = torch.tensor(rows, dtype=torch.long, device=held_out.positions.device)
+    batch = Batch(held_out.input_ids[idx], held_out.positions[idx], held_out.A[idx], held_out.sample_ids[idx])
+    A_hat, ids, _ = lens_predictions(model, batch, micro_batch_size)
+    nmse = losses.normalized_mse(batch.A, A_hat)
+    tok = model.tokenizer
+    out = []
+    for i, row in enumerate(rows):
+        ctx, p = batch.input_ids[i], int(batch.positions[i])
+        context = (f"{_show(tok, ctx[max(0, p - before):p])}[[{_show(tok, ctx[p:p + 1])}]]"
+                   f"{_show(tok, ctx[p + 1:p + 1 + after])}")
+        out.append(SampleExplanation(row, context, _show(tok, ids[i]), float(nmse[i])))
+    return out

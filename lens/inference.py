@@ -11,10 +11,11 @@ import yaml
 
 from lens.config import LensConfig, from_dictconfig, to_dict
 from lens.data.batches import ActivationData
+from lens.errors import InputError
 from lens.evaluate import evaluate
 from lens.models.hub import DTYPES, load_model
 from lens.models.lens_model import LensModel
-from lens.train.checkpoint import Checkpoint, load_checkpoint
+from lens.train.checkpoint import Checkpoint, apply_model_state, load_checkpoint, model_state, one_line
 
 log = logging.getLogger("lens")
 
@@ -34,16 +35,28 @@ def default_device() -> torch.device:
 
 
 def load_lens(uri: str, endpoint_url: str | None = None, device: torch.device | None = None) -> LoadedLens:
-    """The lens saved at `uri`: a run directory (its newest committed checkpoint) or one checkpoint folder.
+    """The lens saved at `uri`: a run directory (its newest committed checkpoint that loads) or one checkpoint
+    folder. One process reads the weights from every rank's shards, whatever world size saved them.
 
     `endpoint_url` (or `AWS_ENDPOINT_URL`) reaches an S3-compatible server for `s3://` URIs."""
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-    checkpoint = load_checkpoint(uri, endpoint_url)
-    cfg = from_dictconfig(yaml.safe_load(checkpoint.config_yaml))
     device = device or default_device()
-    lm, tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
-    model = LensModel(cfg, lm.to(device), tokenizer).to(device)
-    model.load_trainable_state({k: v.to(device) for k, v in checkpoint.weights.items()})
+    loaded: dict = {}
+
+    def load(checkpoint: Checkpoint) -> None:
+        try:
+            cfg = from_dictconfig(yaml.safe_load(checkpoint.config_yaml))
+        except (yaml.YAMLError, InputError) as e:  # a damaged config.yaml is a damaged checkpoint
+            raise ValueError(f"its config.yaml is unreadable ({one_line(e)})") from None
+        lm, tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
+        model = LensModel(cfg, lm.to(device), tokenizer).to(device)
+        tensors = model_state(model)  # the weights only, no optimizer state
+        checkpoint.load_into(tensors)
+        apply_model_state(model, tensors)
+        loaded.update(cfg=cfg, model=model)
+
+    checkpoint = load_checkpoint(uri, endpoint_url, load)
+    cfg, model = loaded["cfg"], loaded["model"]
     model.eval()
     log.info("loaded the lens of %s (step %d, %s layer %d)", checkpoint.uri, checkpoint.step, cfg.model.name,
              cfg.model.layer)

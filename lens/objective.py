@@ -95,11 +95,9 @@ def _straight_through(model: LensModel, batch: Batch, knobs: Knobs):
         terms["mse"] = losses.normalized_mse(batch.A, A_train)
     weighted["mse"] = lw.mse_weight
 
-    with torch.no_grad():
-        target = model.orig.patched_logits(batch.input_ids, model.layer, batch.positions, None)
+    run = model.orig.unpatched(batch.input_ids, model.layer, batch.positions)
     with _grad_if(lw.kl_weight > 0):
-        patched = model.orig.patched_logits(batch.input_ids, model.layer, batch.positions, A_train)
-        terms["kl"] = losses.kl(target, patched)
+        terms["kl"] = losses.kl(run.target, model.orig.patched(run, A_train))
     weighted["kl"] = lw.kl_weight
 
     lm_logits = model.orig.continuation_logits(model.lm_prefix_ids, gen.ids)
@@ -143,9 +141,8 @@ def _grpo(model: LensModel, batch: Batch):
     per_group = lambda x: x.view(B, G).mean(1)  # noqa: E731
     with torch.no_grad():  # logged only: functional KL of the first member of each group, entropy, reward
         first = torch.arange(B, device=A.device) * G
-        target = model.orig.patched_logits(batch.input_ids, model.layer, batch.positions, None)
-        patched = model.orig.patched_logits(batch.input_ids, model.layer, batch.positions, A_hat[first])
-        logged = {"kl": losses.kl(target, patched), "entropy": per_group(losses.entropy(logits).mean(-1)),
-                  "reward": per_group(-mse)}
+        run = model.orig.unpatched(batch.input_ids, model.layer, batch.positions)
+        logged = {"kl": losses.kl(run.target, model.orig.patched(run, A_hat[first])),
+                  "entropy": per_group(losses.entropy(logits).mean(-1)), "reward": per_group(-mse)}
     terms = {"mse": per_group(mse), "policy": per_group(policy), "grpo_kl": per_group(k3), **logged}
     return terms, {"mse": lw.mse_weight, "policy": lw.grpo_weight, "grpo_kl": lw.grpo_beta}, A_hat[first]

@@ -145,9 +145,24 @@ class Storage(abc.ABC):
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object under the folder ``prefix`` (which must not be the root). Not atomic."""
 
-    def check(self) -> None:
+    @abc.abstractmethod
+    def move_prefix(self, prefix: str, to: str) -> None:
+        """Move every object under the folder ``prefix`` to the folder ``to`` (which must hold nothing). Not atomic:
+        a move cut short leaves some objects in each folder, none lost."""
+
+    @abc.abstractmethod
+    def dcp_writer(self, thread_count: int = 1):
+        """A ``torch.distributed.checkpoint`` storage writer into this root (a folder: one file per rank and
+        thread, and DCP's ``.metadata``, written last)."""
+
+    @abc.abstractmethod
+    def dcp_reader(self):
+        """A ``torch.distributed.checkpoint`` storage reader of what ``dcp_writer`` wrote here."""
+
+    def check(self, write: bool = False) -> None:
         """Raise ``InputError`` now if the root can never be used (S3: missing bucket, access denied, bad
-        credentials), so a job fails in its first second with one line instead of after hours of work."""
+        credentials; local with `write`: the folder cannot be created or written), so a job fails in its first
+        second with one line instead of after hours of work."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri()!r})"
@@ -158,6 +173,20 @@ class LocalStorage(Storage):
 
     def __init__(self, root: str | os.PathLike):
         self.root = os.path.abspath(os.fspath(root))
+
+    def check(self, write: bool = False) -> None:
+        if not write:
+            return
+        existing = self.root
+        while not os.path.exists(existing):  # the folder is made on the first write: its nearest existing parent
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise InputError(f"storage path {self.root}: {existing} is a file, not a folder; choose another path")
+        try:  # a scratch file is the only test that also holds for root and for read-only mounts
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as e:
+            raise InputError(f"storage path {self.root}: cannot write in {existing} ({e.strerror}); choose a "
+                             "writable path") from None
 
     def _path(self, key: str, *, allow_root: bool = False) -> str:
         key = _check_key(key, allow_root=allow_root)
@@ -256,6 +285,24 @@ class LocalStorage(Storage):
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
             self._prune_empty_parents(os.path.dirname(path))
+
+    def move_prefix(self, prefix: str, to: str) -> None:
+        source, target = self._path(prefix), self._path(to)
+        if os.path.exists(target):
+            raise FileExistsError(f"cannot move {source} to {target}: it exists")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(source, target)  # one rename: the folder moves whole
+        self._prune_empty_parents(os.path.dirname(source))
+
+    def dcp_writer(self, thread_count: int = 1):
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        return FileSystemWriter(self.root, sync_files=True, thread_count=thread_count)
+
+    def dcp_reader(self):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return FileSystemReader(self.root)
 
     def _prune_empty_parents(self, directory: str) -> None:
         """Remove now-empty folders up to (not including) the root, as S3 would show no folder there."""
@@ -418,7 +465,7 @@ class S3Storage(Storage):
 
         return TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
 
-    def check(self) -> None:
+    def check(self, write: bool = False) -> None:
         from botocore.exceptions import ClientError
 
         try:
@@ -570,3 +617,45 @@ class S3Storage(Storage):
                     f"could not delete {len(response['Errors'])} objects under {self.uri(prefix)}, "
                     f"first s3://{self.bucket}/{first['Key']}: {first.get('Code')} {first.get('Message')}"
                 )
+
+    def move_prefix(self, prefix: str, to: str) -> None:
+        folder, target = self._folder(_check_key(prefix)), self._folder(_check_key(to))
+        if self._objects(target, f"list {self.uri(to)}")[0].get("Contents"):
+            raise FileExistsError(f"cannot move {self.uri(prefix)} to {self.uri(to)}: it holds objects")
+        pages = self._objects(folder, f"list {self.uri(prefix)}")
+        for key in [obj["Key"] for page in pages for obj in page.get("Contents", [])]:
+            # A server-side copy: no bytes pass through this process (multipart above 16 MiB, as uploads).
+            self._call(f"copy s3://{self.bucket}/{key}", lambda key=key: self.client.copy(
+                {"Bucket": self.bucket, "Key": key}, self.bucket, target + key[len(folder):],
+                Config=self._transfer_config()))
+        self.delete_prefix(prefix)
+
+    def _dcp_client(self):
+        """s3torchconnector's client for this bucket's endpoint and region (path-style on a self-hosted server)."""
+        from s3torchconnector import S3ClientConfig
+        from s3torchconnector._s3client import S3Client
+
+        endpoint = self.client.meta.endpoint_url
+        custom = not endpoint.endswith(".amazonaws.com")
+        region = self.client.meta.region_name or "us-east-1"
+        return region, S3Client(region, endpoint=endpoint if custom else None,
+                                s3client_config=S3ClientConfig(force_path_style=custom))
+
+    def dcp_writer(self, thread_count: int = 1):
+        from s3torchconnector.dcp import S3FileSystem, S3StorageWriter
+
+        region, client = self._dcp_client()
+        writer = S3StorageWriter(region, self.uri(), thread_count=thread_count)
+        # The writer builds its client from the environment only; this one reaches this storage's endpoint.
+        writer.fs = S3FileSystem(region, s3_client=client)
+        writer.path = writer.fs.init_path(self.uri())
+        return writer
+
+    def dcp_reader(self):
+        from s3torchconnector.dcp import S3FileSystem, S3StorageReader
+
+        region, client = self._dcp_client()
+        reader = S3StorageReader(region, self.uri())
+        reader.fs = S3FileSystem(region, s3_client=client, reader_constructor=reader._reader_constructor)
+        reader.path = reader.fs.init_path(self.uri())
+        return reader

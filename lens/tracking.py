@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 
 class NullTracker:
@@ -11,6 +12,12 @@ class NullTracker:
         pass
 
     def summary(self, metrics: dict) -> None:
+        pass
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        pass
+
+    def event(self, kind: str, **fields) -> None:
         pass
 
     def finish(self) -> None:
@@ -41,6 +48,11 @@ class WandbTracker(NullTracker):
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
 
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=columns, data=rows), STEP_METRIC: step})
+
     def finish(self) -> None:
         self.run.finish()
 
@@ -55,32 +67,79 @@ def wandb_mode(mode: str) -> str:
 
 
 class JsonlTracker(NullTracker):
-    """Appends every logged dict as one JSON line to `metrics.jsonl`: a local record W&B is not needed to read."""
+    """Appends every logged dict as one JSON line to `metrics.jsonl`, and the trainer's events (`start`, `step`,
+    `checkpoint`, `preemption`: what tools react to, instead of log text) to `events.jsonl`: local records W&B is not
+    needed to read.
 
-    def __init__(self, dir: str, inner: NullTracker):
+    With `remote` (the storage of a remote run.dir; `dir` is then local scratch), nothing is lost with the pod: a
+    fresh scratch starts from run.dir's copies, both files are uploaded there at every log interval, and the W&B
+    run folder (`dir/wandb`) at every checkpoint and at the end, so `wandb sync` works on it later."""
+
+    FILES = ("metrics.jsonl", "events.jsonl")
+
+    def __init__(self, dir: str, inner: NullTracker, remote=None):
         os.makedirs(dir, exist_ok=True)
-        self.path, self.inner = os.path.join(dir, "metrics.jsonl"), inner
+        self.dir, self.inner, self.remote = dir, inner, remote
+        self.path, self.events_path = (os.path.join(dir, name) for name in self.FILES)
+        if remote is not None:  # a restarted pod's empty scratch continues run.dir's records
+            for name in self.FILES:
+                if not os.path.exists(os.path.join(dir, name)) and remote.exists(name):
+                    remote.read_file(name, os.path.join(dir, name))
 
     def log(self, metrics: dict, step: int) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.inner.log(metrics, step)
+        self.upload()
+
+    def event(self, kind: str, **fields) -> None:
+        with open(self.events_path, "a") as f:
+            f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+        if kind == "checkpoint":
+            self.upload(wandb_folder=True)
+
+    def upload(self, wandb_folder: bool = False) -> None:
+        """Copy the records (and with `wandb_folder`, the W&B run files) to the remote run.dir."""
+        if self.remote is None:
+            return
+        for name in self.FILES:
+            if os.path.exists(os.path.join(self.dir, name)):
+                self.remote.write_file(name, os.path.join(self.dir, name))
+        if wandb_folder:
+            root = os.path.join(self.dir, "wandb")
+            for folder, _, files in os.walk(root):  # symlinks (latest-run, debug.log) are W&B's shortcuts: skipped
+                for name in files:
+                    path = os.path.join(folder, name)
+                    if os.path.islink(path):
+                        continue
+                    try:
+                        self.remote.write_file("wandb/" + os.path.relpath(path, root).replace(os.sep, "/"), path)
+                    except FileNotFoundError:  # a temporary file W&B removed meanwhile
+                        pass
 
     def summary(self, metrics: dict) -> None:
         self.inner.summary(metrics)
 
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, key: [dict(zip(columns, row)) for row in rows]}) + "\n")
+        self.inner.table(key, columns, rows, step)
+
     def finish(self) -> None:
         self.inner.finish()
+        self.upload(wandb_folder=True)
 
 
 def run_files_dir(run_dir: str) -> str:
-    """Where W&B and metrics.jsonl write their files: the run dir when it is local, else ./wandb-local."""
-    return "wandb-local" if "://" in run_dir else run_dir
+    """Where W&B, metrics.jsonl and events.jsonl are written: the run dir when it is local, else local scratch
+    (`$LENS_SCRATCH`, which the chart puts on its cache volume; default ./wandb-local) copied to run.dir."""
+    return (os.environ.get("LENS_SCRATCH") or "wandb-local") if "://" in run_dir else run_dir
 
 
 def make_tracker(project: str, entity: str | None, run_name: str, mode: str, config: dict, dir: str,
-                 jsonl: bool = True) -> NullTracker:
-    """W&B (unless disabled), behind a local metrics.jsonl in `dir` when `jsonl`."""
+                 jsonl: bool = True, remote=None) -> NullTracker:
+    """W&B (unless disabled), behind a local metrics.jsonl in `dir` when `jsonl`, uploaded to `remote` (a Storage)
+    when given."""
     mode = wandb_mode(mode)
     inner = NullTracker() if mode == "disabled" else WandbTracker(project, entity, run_name, mode, config, dir)
-    return JsonlTracker(dir, inner) if jsonl else inner
+    return JsonlTracker(dir, inner, remote) if jsonl else inner

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -140,50 +139,3 @@ def trained_run(tmp_path_factory, tiny_files) -> Path:
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(root / "config.yaml")]) == 0
     return run_dir
-
-
-def wandb_records(path, wait_s: float = 15.0) -> list:
-    """The protobuf records of an offline W&B run file (`run-ID.wandb`): a ":W&B" header, then LevelDB-log style
-    32 KiB blocks of chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last). W&B's writer process may still
-    be flushing when `finish()` returns, so this waits (up to `wait_s`) for the run's final `exit` record."""
-    import time
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        records = _read_wandb_file(Path(path))
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
-
-
-def _read_wandb_file(path: Path) -> list:
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    pos, block, buf, out = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0 or len(chunk) < length:  # padding, or a chunk still being written
-            continue
-        buf = chunk if kind in (1, 2) else buf + chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(buf)
-            out.append(record)
-    return out
-
-
-def wandb_summary(run_dir) -> dict:
-    """The summary an offline W&B run file recorded: key -> value, the last update of each key winning."""
-    summary = {}
-    for record in wandb_records(run_dir):
-        if record.WhichOneof("record_type") == "summary":
-            summary.update({u.key: json.loads(u.value_json) for u in record.summary.update if u.key})
-    return summary

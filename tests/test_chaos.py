@@ -22,7 +22,7 @@ from _chart_tools import helm_env  # noqa: F401
 from conftest import tiny_run_config
 from lens.config import load_config
 from lens.launch import local_manifests
-from lens.launch.chaos import S3_TEST_ENV, ChaosRun, FaultProxy, S3Server
+from _chaos import S3_TEST_ENV, ChaosRun, FaultProxy, S3Server
 from lens.train.checkpoint import load_checkpoint
 
 STEPS, EVERY, BATCH = 240, 10, 12
@@ -95,7 +95,8 @@ def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, mo
     # The uninterrupted run: two nodes throughout.
     (tmp_path / "base").mkdir()
     monkeypatch.chdir(tmp_path / "base")  # where rank 0 writes metrics.jsonl (wandb-local/: run.dir is on S3)
-    with ChaosRun(manifests(tiny_files, s3, tmp_path, "calm"), echo=True) as run:
+    with ChaosRun(manifests(tiny_files, s3, tmp_path, "calm"), tmp_path / "base" / "wandb-local" / "events.jsonl",
+                  echo=True) as run:
         assert run.finish(600) == 0
     calm_rows = consumed(tmp_path / "base" / "wandb-local" / "metrics.jsonl")
 
@@ -103,7 +104,8 @@ def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, mo
     monkeypatch.chdir(tmp_path / "chaos")
     rng = random.Random(7)
     targets = sorted(rng.sample(range(4, STEPS // 2), 6))
-    with ChaosRun(manifests(tiny_files, s3, tmp_path, "chaos"), echo=True, seed=7) as run:
+    with ChaosRun(manifests(tiny_files, s3, tmp_path, "chaos"), tmp_path / "chaos" / "wandb-local" / "events.jsonl",
+                  echo=True, seed=7) as run:
         run.wait_step(targets[0])
         run.kill_worker()
         run.wait_step(targets[1])
@@ -129,13 +131,13 @@ def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, mo
         "worker SIGKILL", "node lost", "SIGTERM (preemption)", "SIGKILL during checkpoint upload"}, report
     assert lost_node.world == 1, report  # the survivor trained alone: the world size changed
     # The preemption came through the preStop hook's flag, with the chart's budget (not torchrun's 30 s).
-    assert any(e.kind == "notice" and e.value[0] > 30 for e in events), report
+    assert any(e.kind == "preemption" and e.fields["seconds_left"] > 30 for e in events), report
     for f in faults:
         assert 0 <= f.steps_lost <= EVERY, report
         if f.kind == "SIGTERM (preemption)":
             assert f.steps_lost == 0, report  # saved at the step boundary it reached
     # Every restart, re-joins included, resumed within one checkpoint interval of where the run was.
-    resumes = [i for i, e in enumerate(events) if e.kind == "resume"]
+    resumes = [i for i, e in enumerate(events) if e.kind == "start"]
     for i in resumes[1:]:
         reached = max(e.step for e in events[:i] if e.kind == "step")
         assert reached - events[i].step <= EVERY, (reached, events[i])
@@ -145,7 +147,7 @@ def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, mo
     assert sorted(rows) == sorted(calm_rows) == list(range(1, STEPS + 1))
     assert [rows[s]["data/next_sample"] for s in rows] == [calm_rows[s]["data/next_sample"] for s in rows]
     assert [rows[s]["data/next_sample"] for s in sorted(rows)] == [BATCH * s for s in range(1, STEPS + 1)]
-    first_alone = min(e.step for e in events if e.kind == "resume" and e.world == 1)
+    first_alone = min(e.step for e in events if e.kind == "start" and e.world == 1)
     for s in range(1, STEPS + 1):
         if s <= first_alone:  # world size 2 all the way: bitwise
             assert rows[s]["train/loss"] == calm_rows[s]["train/loss"], s

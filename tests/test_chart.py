@@ -133,7 +133,7 @@ def test_trainer_is_elastic_torchrun_with_nothing_the_operator_owns(helm_env, co
     spec = job["spec"]
     assert list(spec["pytorchReplicaSpecs"]) == ["Worker"]  # elastic: workers only, no Master
     worker = spec["pytorchReplicaSpecs"]["Worker"]
-    assert worker["restartPolicy"] == "OnFailure" and worker["replicas"] == 4
+    assert worker["restartPolicy"] == "ExitCode" and worker["replicas"] == 4  # exit 2 is not retried
     assert spec["runPolicy"]["backoffLimit"] >= 100
     assert spec["elasticPolicy"] == {"rdzvBackend": "c10d", "rdzvId": cfg.run.name, "minReplicas": 2,
                                      "maxReplicas": 4, "maxRestarts": 100,
@@ -141,7 +141,7 @@ def test_trainer_is_elastic_torchrun_with_nothing_the_operator_owns(helm_env, co
     assert spec["nprocPerNode"] == "8"  # = GPUs per pod; the deprecated elasticPolicy.nProcPerNode is not used
     c = container(job)
     assert c["name"] == "pytorch"
-    assert c["command"] == ["torchrun", "--no-python", "lens", "train", "/etc/lens/config.yaml"]
+    assert c["command"] == ["lens", "torchrun", "--no-python", "lens", "train", "/etc/lens/config.yaml"]
     names = [e["name"] for e in c["env"]]
     owned = [n for n in names if n.startswith(("PET_", "MASTER_")) or n in OPERATOR_ENV]
     assert owned == []
@@ -192,6 +192,25 @@ def test_pods_are_unprivileged_and_survive_spot_loss_quickly(helm_env, config_pa
             assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
 
 
+CACHE_VARS = ("HF_HOME", "LENS_CACHE", "LENS_SCRATCH", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "WANDB_CACHE_DIR",
+              "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_DIR", "XDG_CACHE_HOME")
+
+
+def test_root_is_read_only_and_every_cache_is_on_a_writable_volume(helm_env, config_paths):
+    docs = rendered(config_paths["gemma2_2b"], ci_shape("gpu-reference"))
+    for spec in pod_specs(docs):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            writable = [m["mountPath"] for m in c["volumeMounts"]
+                        if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            for name in CACHE_VARS:
+                assert any(env[name].startswith(path + "/") for path in writable), (name, env[name], writable)
+            (cache,) = [v for v in spec["volumes"] if v["name"] == "cache"]
+            assert cache["emptyDir"]["sizeLimit"] == "100Gi"
+
+
 @pytest.mark.parametrize("grace", [45, 110, 600])
 def test_prestop_hook_raises_the_flag_and_waits_for_the_checkpoint(helm_env, config_paths, tmp_path, grace):
     """The trainer's preStop hook, run for real: it writes the flag, returns once the trainer removed it (after its
@@ -200,7 +219,7 @@ def test_prestop_hook_raises_the_flag_and_waits_for_the_checkpoint(helm_env, con
     docs = rendered(path, merge_values(ci_shape("gpu-reference"), {"preemption": {"terminationGracePeriodSeconds": grace}}))
     job = trainer(docs)
     spec = job["spec"]
-    assert spec["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] == "OnFailure"
+    assert spec["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] == "ExitCode"
     assert spec["elasticPolicy"]["maxRestarts"] >= 10  # each spot loss costs one worker-group restart
     pod = spec["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == grace
@@ -310,10 +329,28 @@ def test_values_schema_rejects_misspelled_or_invalid_values(helm_env, args, name
     (["--set", "dump.parallelism=9"], "dump.parallelism (9)"),
     (["--set", "extraEnv.PET_NNODES=4"], "extraEnv.PET_NNODES"),
     (["--set", "extraEnv.MASTER_ADDR=x"], "extraEnv.MASTER_ADDR"),
+    # values that look like credentials are never stored in the manifest: a Secret reference instead
+    (["--set", "extraEnv.GITHUB_TOKEN=x"], "extraEnv.GITHUB_TOKEN: looks like a credential"),
+    (["--set", "extraEnv.DB_PASSWORD=x"], "extraEnv.DB_PASSWORD: looks like a credential"),
+    (["--set", "extraEnv.CLIENT_SECRET=x"], "extraEnv.CLIENT_SECRET: looks like a credential"),
+    (["--set", "extraEnv.STRIPE_KEY=x"], "extraEnv.STRIPE_KEY: looks like a credential"),
+    (["--set", "extraEnv.PROXY_URL=http://me:pw@proxy:3128"], "extraEnv.PROXY_URL: a URL with user:password@"),
+    (["--set", "storage.endpointUrl=http://ak:sk@minio:9000"], "storage.endpointUrl: a URL with user:password@"),
 ])
 def test_cross_field_checks_fail_naming_the_key(helm_env, args, message):
     proc = template(helm_env, *args)
     assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_extra_env_takes_a_secret_reference_for_a_credential_name(helm_env):
+    proc = template(helm_env, "--set", "extraEnv.GITHUB_TOKEN.valueFrom.secretKeyRef.name=gh",
+                    "--set", "extraEnv.GITHUB_TOKEN.valueFrom.secretKeyRef.key=token", "--set", "extraEnv.PLAIN=1")
+    assert proc.returncode == 0, proc.stderr
+    job = next(d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "PyTorchJob")
+    env = {e["name"]: e for e in container(job)["env"]}
+    assert env["GITHUB_TOKEN"] == {"name": "GITHUB_TOKEN",
+                                   "valueFrom": {"secretKeyRef": {"name": "gh", "key": "token"}}}
+    assert env["PLAIN"] == {"name": "PLAIN", "value": "1"}
 
 
 def test_objects_carry_recommended_labels(helm_env, config_paths):
@@ -343,3 +380,36 @@ def test_notes_print_the_logs_command_for_the_worker_pods_and_the_wandb_run(helm
                                     release="ci-gpu-reference").stdout)
     labels = trainer(docs)["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in (kv.split("=") for kv in selector.split(",")))
+
+
+def test_helm_package_renders_the_same_objects(helm_env, tmp_path):
+    packaged = helm(helm_env, "package", str(CHART), "-d", str(tmp_path))
+    assert packaged.returncode == 0, packaged.stderr
+    (tgz,) = tmp_path.glob("consistency-lens-*.tgz")
+    args = ["--namespace", "lens", "--kube-version", "1.31.0", "--api-versions", "kubeflow.org/v1/PyTorchJob",
+            "-f", str(CHART / "ci" / "gpu-reference-values.yaml")]
+    from_dir = helm(helm_env, "template", "r", str(CHART), *args)
+    from_tgz = helm(helm_env, "template", "r", str(tgz), *args)
+    assert from_dir.returncode == 0 and from_tgz.returncode == 0, from_dir.stderr + from_tgz.stderr
+    assert parse_manifests(from_tgz.stdout) == parse_manifests(from_dir.stdout)
+    assert any(d["kind"] == "PyTorchJob" for d in parse_manifests(from_tgz.stdout))
+
+
+@pytest.mark.slow
+def test_an_installed_package_carries_its_chart(helm_env, config_paths, tmp_path):
+    """pip install of the project (not editable) into a bare folder: the launcher there renders its own copy of
+    the chart, with no checkout next to it."""
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                              "--target", str(target), str(CHART.parents[1])], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert (target / "lens" / "launch" / "chart" / "templates" / "pytorchjob.yaml").is_file()
+    code = ("import sys; from lens.launch.cluster import CHART, render; from lens.launch.values import chart_values;"
+            "from lens.config import load_config; cfg = load_config(sys.argv[1]); print(CHART);"
+            "print(render(chart_values(cfg, {}), cfg.run.name, 'lens'))")
+    proc = subprocess.run([sys.executable, "-c", code, str(config_paths["gemma2_2b"])], capture_output=True,
+                          text=True, cwd=tmp_path, env={**helm_env, "PYTHONPATH": str(target)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chart_dir, manifests = proc.stdout.split("\n", 1)
+    assert chart_dir == str(target / "lens" / "launch" / "chart")
+    assert any(d["kind"] == "PyTorchJob" for d in parse_manifests(manifests))

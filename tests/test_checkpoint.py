@@ -1,4 +1,5 @@
-"""Checkpoints and the storage layer under them: round trips, garbage collection, kill -9 mid-save, S3 on loopback."""
+"""Checkpoints and the storage layer under them: round trips, garbage collection, kill -9 mid-save, S3 on loopback,
+sharded saves by torchrun ranks (FSDP2) that load at other world sizes, and checkpoints that do not load."""
 
 from __future__ import annotations
 
@@ -10,30 +11,31 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
 
 import boto3
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from torch import nn
 
 from lens.errors import InputError
 from lens.storage import LocalStorage, S3Storage, Storage, open_storage
 from lens.train.checkpoint import (
+    WRITE_THREADS,
     CheckpointManager,
+    apply_training_state,
     load_checkpoint,
     rng_state,
     set_rng_state,
     step_dirname,
+    training_state,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PART = "tensors-00000-of-00001.safetensors"
-FILES = ["COMMITTED", "config.yaml", "optimizer.pt", "rng.pt", "state.json", PART]
+SHARDS = [f"__0_{t}.distcp" for t in range(WRITE_THREADS)]  # one process: rank 0's files, one per write thread
+FILES = sorted([".metadata", "COMMITTED", "config.yaml", "rng.pt", "state.json", *SHARDS])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -148,6 +150,17 @@ def test_storage_file_round_trip(storage, tmp_path):
     assert os.listdir(tmp_path / "out") == ["dst.bin"]  # no temp file left beside it
 
 
+def test_storage_move_prefix(storage):
+    for key in ["a/x", "a/sub/y", "ab/z"]:
+        storage.write_bytes(key, key.encode())
+    storage.move_prefix("a", "moved/a")
+    assert storage.list() == ["ab/z", "moved/a/sub/y", "moved/a/x"]
+    assert storage.read_bytes("moved/a/sub/y") == b"a/sub/y" and storage.list_dirs() == ["ab", "moved"]
+    with pytest.raises(FileExistsError, match="moved/a"):
+        storage.move_prefix("ab", "moved/a")
+    assert storage.list("ab") == ["ab/z"]  # nothing moved
+
+
 def test_local_storage_hides_a_killed_writers_temp_file(tmp_path):
     storage = open_storage(str(tmp_path))
     storage.write_bytes("d/obj", b"x")
@@ -159,13 +172,15 @@ def test_local_storage_hides_a_killed_writers_temp_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints.
+# Checkpoints in one process.
 
 
-def _trained_adamw(seed: int = 0) -> tuple[nn.Linear, torch.optim.AdamW]:
+def _trained_adamw(seed: int = 0) -> tuple[nn.Module, torch.optim.AdamW]:
+    """Two layers, the second frozen (as the frozen model of a lens): a checkpoint holds only the first."""
     torch.manual_seed(seed)
-    model = nn.Linear(5, 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2))
+    model[1].requires_grad_(False)
+    optimizer = torch.optim.AdamW(model[0].parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         loss = model(torch.randn(8, 5)).pow(2).mean()
         optimizer.zero_grad()
@@ -174,11 +189,12 @@ def _trained_adamw(seed: int = 0) -> tuple[nn.Linear, torch.optim.AdamW]:
     return model, optimizer
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    # Values a lossy round trip would change: NaN payloads, -0.0, denormals, infinities.
-    weights["odd"] = torch.tensor([float("nan"), -0.0, 1e-45, float("inf"), -float("inf"), 1 / 3])
-    return weights
+def _tensors(model: nn.Module, optimizer) -> dict:
+    """The state a trainer saves, plus values a lossy round trip would change: NaN payloads, -0.0, denormals,
+    infinities."""
+    tensors = training_state(model, optimizer)
+    tensors["model"]["odd"] = torch.tensor([float("nan"), -0.0, 1e-45, float("inf"), -float("inf"), 1 / 3])
+    return tensors
 
 
 def _assert_bitwise_equal(a: object, b: object, where: str = "") -> None:
@@ -187,11 +203,11 @@ def _assert_bitwise_equal(a: object, b: object, where: str = "") -> None:
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
         assert a.reshape(-1).view(torch.uint8).equal(b.reshape(-1).view(torch.uint8)), where
     elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {sorted(a)} vs {sorted(b)}"
         for key in a:
             _assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
+        assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
             _assert_bitwise_equal(x, y, f"{where}[{i}]")
     else:
@@ -210,17 +226,17 @@ def _draws() -> tuple:
 
 
 def _save(manager: CheckpointManager, step: int, scale: float = 1.0) -> str:
-    weights = {"w": torch.full((3,), float(step) * scale)}
-    return manager.save(step, weights, {"state": {}, "param_groups": []}, {"cursor": step}, f"step: {step}\n")
+    return manager.save(step, {"model": {"w": torch.full((3,), float(step) * scale)}}, {"cursor": step},
+                        f"step: {step}\n")
 
 
 def test_round_trip_is_bitwise(tmp_path):
     model, optimizer = _trained_adamw()
-    weights = _weights(model)
+    tensors = _tensors(model, optimizer)
     state = {"cursor": {"epoch": 1, "index": 1234}, "scheduler": {"last_epoch": 3}, "wandb_run_id": "abc123"}
     manager = CheckpointManager(open_storage(str(tmp_path / "run")))
 
-    name = manager.save(3, weights, optimizer.state_dict(), state, "run:\n  name: test\n")
+    name = manager.save(3, tensors, state, "run:\n  name: test\n")
     after_save = _draws()
     _draws()  # move every generator on
     checkpoint = manager.load_latest()
@@ -230,23 +246,41 @@ def test_round_trip_is_bitwise(tmp_path):
     assert (checkpoint.step, checkpoint.name, checkpoint.state) == (3, name, state) and name == "step-00000003"
     assert checkpoint.config_yaml == "run:\n  name: test\n"
     assert checkpoint.uri == str(tmp_path / "run" / "checkpoints" / "step-00000003")
-    _assert_bitwise_equal(weights, checkpoint.weights, "weights")
-    _assert_bitwise_equal(optimizer.state_dict(), checkpoint.optimizer_state, "optimizer")
+    assert set(checkpoint.weights) == {"0.weight", "0.bias", "odd"}  # the frozen layer is not saved
+    _assert_bitwise_equal(tensors, checkpoint.read(), "whole")
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / name)) == FILES
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == name
+    assert json.loads((tmp_path / "run" / "checkpoints" / name / "COMMITTED").read_text()) == {
+        "step": 3, "world": 1, "files": [f for f in FILES if f != "COMMITTED"]}
 
-    # The restored optimizer continues exactly as the original does.
+    # Loaded into another model and optimizer in place, they continue exactly as the originals do (the frozen layer
+    # comes from elsewhere, as the frozen model from the hub).
     restored_model, restored = _trained_adamw(seed=1)
-    with torch.no_grad():
-        for name_, p in restored_model.named_parameters():
-            p.copy_(checkpoint.weights[name_])
-    restored.load_state_dict(checkpoint.optimizer_state)
+    restored_model[1].load_state_dict(model[1].state_dict())
+    into = training_state(restored_model, restored)
+    checkpoint.load_into(into)
+    apply_training_state(restored_model, restored, into)
+    _assert_bitwise_equal(training_state(model, optimizer), training_state(restored_model, restored), "loaded")
     x = torch.randn(8, 5)
     for m, opt in [(model, optimizer), (restored_model, restored)]:
         opt.zero_grad()
         m(x).pow(2).mean().backward()
         opt.step()
     _assert_bitwise_equal(dict(model.named_parameters()), dict(restored_model.named_parameters()), "after a step")
+
+
+def test_async_save_commits_only_after_the_upload(tmp_path):
+    storage = open_storage(str(tmp_path / "run"))
+    manager = CheckpointManager(storage)
+    _save(manager, 1)
+    weights = {"w": torch.arange(1_000_000.0)}
+    pending = manager.start_save(2, {"model": weights}, {"cursor": 2}, "a: 1\n")
+    weights["w"].zero_()  # training goes on: the upload holds a copy made before start_save returned
+    assert storage.read_bytes("checkpoints/latest") == b"step-00000001"
+    assert not storage.exists("checkpoints/step-00000002/COMMITTED")
+    assert pending.finish() == "step-00000002" and pending.done()
+    assert storage.read_bytes("checkpoints/latest") == b"step-00000002"
+    assert manager.load_latest().weights["w"].equal(torch.arange(1_000_000.0))
 
 
 def test_rng_state_includes_cached_gaussians():
@@ -263,7 +297,7 @@ def test_rng_state_includes_cached_gaussians():
 
 def test_state_may_not_hold_the_step(tmp_path):
     with pytest.raises(ValueError, match="'step'"):
-        CheckpointManager(open_storage(str(tmp_path))).save(1, {}, {}, {"step": 1}, "")
+        CheckpointManager(open_storage(str(tmp_path))).save(1, {}, {"step": 1}, "")
     assert os.listdir(tmp_path) == []
 
 
@@ -299,7 +333,7 @@ def test_incomplete_folder_is_ignored_and_collected(tmp_path):
     _save(manager, 1)
     # A killed save of step 2: files but no COMMITTED marker; and a pointer naming it (cannot happen in save's
     # order, but a reader must not trust the pointer blindly).
-    storage.write_bytes("checkpoints/step-00000002/weights.safetensors", b"truncated")
+    storage.write_bytes("checkpoints/step-00000002/__0_0.distcp", b"truncated")
     storage.write_bytes("checkpoints/step-00000002/state.json", b'{"step": 2}')
     storage.write_bytes("checkpoints/latest", b"step-00000002")
     assert manager.load_latest().step == 1
@@ -318,6 +352,7 @@ def test_incomplete_folder_is_ignored_and_collected(tmp_path):
 
 def test_no_checkpoint_yet(tmp_path):
     assert CheckpointManager(open_storage(str(tmp_path / "fresh"))).load_latest() is None
+    assert CheckpointManager(open_storage(str(tmp_path / "fresh"))).resume(lambda c: None) is None
 
 
 def test_load_checkpoint_takes_a_run_dir_or_a_step_folder(tmp_path):
@@ -338,7 +373,7 @@ def test_load_checkpoint_refuses_what_is_not_a_checkpoint(tmp_path):
         load_checkpoint(str(tmp_path / "missing"))
 
     storage = open_storage(str(tmp_path / "run"))
-    storage.write_bytes(f"checkpoints/step-00000007/{PART}", b"partial")
+    storage.write_bytes("checkpoints/step-00000007/__0_0.distcp", b"partial")
     with pytest.raises(InputError, match=r"step-00000007 is an incomplete checkpoint: it has no COMMITTED"):
         load_checkpoint(str(tmp_path / "run" / "checkpoints" / "step-00000007"))
     with pytest.raises(InputError, match=r"run directory .*/run has no committed checkpoint.*step-00000007"):
@@ -350,23 +385,121 @@ def test_checkpoints_on_s3(s3_bucket, s3_endpoint):
     storage = open_storage(uri, endpoint_url=s3_endpoint)
     manager = CheckpointManager(storage, keep=2)
     model, optimizer = _trained_adamw()
-    weights = _weights(model)
+    tensors = _tensors(model, optimizer)
     for step in [1, 2, 3]:
-        manager.save(step, weights, optimizer.state_dict(), {"wandb_run_id": "r"}, "a: 1\n")
+        manager.save(step, tensors, {"wandb_run_id": "r"}, "a: 1\n")
     assert storage.list_dirs("checkpoints") == ["step-00000002", "step-00000003"]
     assert storage.read_bytes("checkpoints/latest") == b"step-00000003"
+    assert sorted(k.rpartition("/")[2] for k in storage.list("checkpoints/step-00000003")) == FILES
 
     checkpoint = load_checkpoint(uri, endpoint_url=s3_endpoint)
     assert (checkpoint.step, checkpoint.uri) == (3, f"{uri}/checkpoints/step-00000003")
-    _assert_bitwise_equal(weights, checkpoint.weights, "weights")
-    _assert_bitwise_equal(optimizer.state_dict(), checkpoint.optimizer_state, "optimizer")
+    _assert_bitwise_equal(tensors, checkpoint.read(), "whole")
+    restored_model, restored = _trained_adamw(seed=1)
+    into = training_state(restored_model, restored)
+    checkpoint.load_into(into)
+    _assert_bitwise_equal(training_state(model, optimizer), into, "loaded in place")
     assert load_checkpoint(f"{uri}/checkpoints/step-00000002", endpoint_url=s3_endpoint).step == 2
     with pytest.raises(InputError, match=rf"s3://{s3_bucket}/elsewhere is neither"):
         load_checkpoint(f"s3://{s3_bucket}/elsewhere", endpoint_url=s3_endpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# kill -9 in the middle of a save.
+# Checkpoints that do not load: reported in one line, skipped, moved aside (never deleted); resume falls back.
+
+
+def _truncate_a_shard(folder):
+    shard = max((p for p in folder.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _drop_optimizer_state(folder):
+    """Replace the checkpoint by one whose optimizer has no state: it does not fit the optimizer it must fill."""
+    tensors = dict(training_state(*_trained_adamw()))
+    tensors["optimizer"] = {"state": {}, "param_groups": tensors["optimizer"]["param_groups"]}
+    for p in folder.iterdir():
+        if p.name.endswith(".distcp") or p.name == ".metadata":
+            p.unlink()
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(tensors, storage_writer=open_storage(str(folder)).dcp_writer(), no_dist=True)
+
+
+DAMAGE = {  # how to spoil a committed checkpoint, and what the one line says of it
+    "truncated-shard": (_truncate_a_shard, r"rank 0: (EOFError|UnpicklingError|RuntimeError)"),
+    "garbled-marker": (lambda f: (f / "COMMITTED").write_text("{not json"), r"InputError: .*COMMITTED is unreadable"),
+    "garbled-metadata": (lambda f: (f / ".metadata").write_bytes(b"\0garbage"), r"rank 0: .*metadata read failed"),
+    "missing-rng": (lambda f: (f / "rng.pt").unlink(), r"FileNotFoundError: .*rng\.pt"),
+    "bad-optimizer-state": (_drop_optimizer_state, r"rank 0: RuntimeError: Missing key .*optimizer\.state"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_resume_falls_back_past_a_checkpoint_that_does_not_load(tmp_path, caplog, damage):
+    storage = open_storage(str(tmp_path / "run"))
+    manager = CheckpointManager(storage, keep=5)
+    model, optimizer = _trained_adamw()
+    manager.save(1, training_state(model, optimizer), {"cursor": 1}, "a: 1\n")
+    expected = {k: v.clone() for k, v in training_state(model, optimizer)["model"].items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    manager.save(2, training_state(model, optimizer), {"cursor": 2}, "a: 1\n")
+    broken = tmp_path / "run" / "checkpoints" / "step-00000002"
+    spoil, why = DAMAGE[damage]
+    spoil(broken)
+    files = sorted(p.name for p in broken.iterdir())
+
+    restored_model, restored = _trained_adamw(seed=1)
+    into = training_state(restored_model, restored)
+
+    def load(checkpoint):
+        checkpoint.load_into(into)
+        apply_training_state(restored_model, restored, into)
+
+    with caplog.at_level("WARNING", logger="lens.train.checkpoint"):
+        checkpoint = manager.resume(load)
+    assert checkpoint.step == 1 and checkpoint.state == {"cursor": 1}
+    _assert_bitwise_equal(expected, training_state(restored_model, restored)["model"], "fell back to step 1")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("lens.")]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert re.search(rf"^checkpoint {broken} does not load \({why}.*\); trying the one before it$", errors[0]), errors
+    assert any("resuming from" in r.getMessage() and "skipped step-00000002" in r.getMessage()
+               for r in caplog.records)
+    # Kept for inspection, whole, with the reason; the next save of step 2 is a fresh folder.
+    aside = tmp_path / "run" / "checkpoints" / "unloadable" / "step-00000002"
+    assert sorted(p.name for p in aside.iterdir()) == sorted(files + ["REASON"]) and not broken.exists()
+    assert (aside / "REASON").read_text().strip() in errors[0]
+    assert manager.committed() == ["step-00000001"] and manager.load_latest().step == 1
+    assert _save(manager, 2) == "step-00000002" and manager.load_latest().step == 2
+    assert aside.exists()  # garbage collection never touches it
+
+
+def test_resume_refuses_when_no_checkpoint_loads(tmp_path):
+    storage = open_storage(str(tmp_path / "run"))
+    manager = CheckpointManager(storage)
+    for step in (1, 2):
+        _save(manager, step)
+        (tmp_path / "run" / "checkpoints" / step_dirname(step) / "COMMITTED").write_text("garbled")
+    with pytest.raises(InputError, match=r"none of the committed checkpoints in .*/run/checkpoints loads \(skipped "
+                                         r"step-00000002, step-00000001;"):
+        manager.resume(lambda checkpoint: None)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "unloadable")) == ["step-00000001", "step-00000002"]
+
+
+def test_a_config_mismatch_is_not_a_broken_checkpoint(tmp_path):
+    manager = CheckpointManager(open_storage(str(tmp_path / "run")))
+    _save(manager, 1)
+
+    def load(checkpoint):
+        raise InputError("config error: model.layer=2 differs")
+
+    with pytest.raises(InputError, match="model.layer"):
+        manager.resume(load)
+    assert manager.committed() == ["step-00000001"]  # not moved aside
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kill -9 in the middle of a save (one process).
 
 _WRITER = textwrap.dedent(
     """
@@ -375,36 +508,37 @@ _WRITER = textwrap.dedent(
     from lens.train.checkpoint import CheckpointManager
 
     manager = CheckpointManager(open_storage(sys.argv[1]))
-    manager.save(1, {"w": torch.arange(6.0)}, {"state": {}, "param_groups": []}, {"cursor": 1}, "step: 1\\n")
+    manager.save(1, {"model": {"w": torch.arange(6.0)}}, {"cursor": 1}, "step: 1\\n")
     g = torch.Generator().manual_seed(0)
     weights = {f"layer{i}": torch.randn(12_500_000, generator=g) for i in range(4)}  # 200 MB of fp32
     w = weights["layer0"]
-    adam = {"state": {0: {"step": torch.tensor(2.0), "exp_avg": w * 0.1, "exp_avg_sq": w * w}}, "param_groups": []}
-    manager.save(2, weights, adam, {"cursor": 2}, "step: 2\\n")
+    adam = {"state": {"layer0": {"step": torch.tensor(2.0), "exp_avg": w * 0.1, "exp_avg_sq": w * w}}}
+    manager.save(2, {"model": weights, "optimizer": adam}, {"cursor": 2}, "step: 2\\n")
     """
 )
 
 
 def _reached(folder: str, name: str, stage: str) -> bool:
-    """Whether the writer's ``name`` in ``folder`` is "half-written" (its temp file has bytes) or "published"."""
+    """Whether ``name`` in ``folder`` is "half-written" (DCP writes its shards in place: it has bytes) or
+    "published"."""
+    path = os.path.join(folder, name)
     if stage == "published":
-        return os.path.exists(os.path.join(folder, name))
+        return os.path.exists(path)
     try:
-        entries = list(os.scandir(folder))
+        return os.path.getsize(path) > 0
     except FileNotFoundError:
         return False
-    return any(e.name.startswith(f".{name}.") and e.name.endswith(".tmp") and e.stat().st_size > 0 for e in entries)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, stage",
     [
-        (PART, "half-written"),  # 300 MB of weights and optimizer tensors
-        ("optimizer.pt", "published"),  # then come the small files
+        (SHARDS[0], "half-written"),  # 300 MB of weights and optimizer tensors
+        (".metadata", "published"),  # DCP's index, written last of DCP's files
         ("COMMITTED", "published"),  # then the pointer
     ],
-    ids=["during-tensors", "during-small-files", "before-pointer"],
+    ids=["during-tensors", "after-metadata", "before-pointer"],
 )
 def test_kill_during_save_keeps_the_last_checkpoint(tmp_path, name, stage):
     run = tmp_path / "run"
@@ -429,7 +563,7 @@ def test_kill_during_save_keeps_the_last_checkpoint(tmp_path, name, stage):
     checkpoint = manager.load_latest()
     pointer = (run / "checkpoints" / "latest").read_text()
     if stage == "half-written":  # a 300 MB write does not finish within the millisecond before the kill
-        assert name not in left and "COMMITTED" not in left and any(f.endswith(".tmp") for f in left), left
+        assert ".metadata" not in left and "COMMITTED" not in left, left
     if pointer == "step-00000002":  # the kill came after the whole save
         assert "COMMITTED" in left
         g = torch.Generator().manual_seed(0)
@@ -444,81 +578,6 @@ def test_kill_during_save_keeps_the_last_checkpoint(tmp_path, name, stage):
     assert _save(manager, 2) == (run / "checkpoints" / "latest").read_text() == step_dirname(2)
     assert sorted(os.listdir(step2)) == FILES  # no half-written or temp files left
     assert manager.load_latest().step == 2
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Collective saves: ranks upload disjoint parts in parallel; `latest` moves by compare-and-swap, never backwards.
-
-
-def _save_as_ranks(storage: Storage, world: int, step: int, weights, optimizer_state, fail_rank: int | None = None):
-    """Run `save` on `world` threads standing in for ranks, with an `all_ok` that is a real rendezvous of them.
-    Returns each rank's result (a folder name) or the exception it raised. `fail_rank` (local storage only):
-    that rank's part upload fails."""
-    barrier, votes, lock = threading.Barrier(world), [], threading.Lock()
-    round_ok = {}
-
-    def all_ok(ok: bool) -> bool:
-        with lock:
-            votes.append(ok)
-        index = barrier.wait()
-        if index == 0:
-            round_ok["ok"] = all(votes)
-            votes.clear()
-        barrier.wait()
-        return round_ok["ok"]
-
-    class Failing(LocalStorage):  # this rank's part upload fails, like an S3 outage seen by one node
-        def sub(self, prefix: str) -> Failing:
-            return Failing(self._path(prefix))
-
-        def write_bytes(self, key: str, data: bytes) -> None:
-            if key.startswith("tensors-"):
-                raise OSError(f"injected upload failure of {key}")
-            super().write_bytes(key, data)
-
-    results = [None] * world
-
-    def rank_main(rank: int) -> None:
-        manager = CheckpointManager(Failing(storage.root) if rank == fail_rank else storage)
-        try:
-            results[rank] = manager.save(step, weights, optimizer_state, {"cursor": step}, "a: 1\n", rank=rank,
-                                         world=world, all_ok=all_ok)
-        except Exception as e:  # noqa: BLE001 - returned to the test
-            results[rank] = e
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
-
-
-def test_ranks_upload_disjoint_parts(storage):
-    model, optimizer = _trained_adamw()
-    weights = {**_weights(model), **{f"big{i}": torch.randn(1000 + i) for i in range(5)}}
-    assert _save_as_ranks(storage, 3, 4, weights, optimizer.state_dict()) == ["step-00000004"] * 3
-    folder = storage.sub("checkpoints/step-00000004")
-    parts = [f"tensors-{r:05d}-of-00003.safetensors" for r in range(3)]
-    assert json.loads(folder.read_bytes("COMMITTED"))["parts"] == parts
-    names = [set(safetensors.torch.load(folder.read_bytes(p))) for p in parts]
-    assert all(names) and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
-    sizes = [len(folder.read_bytes(p)) for p in parts]
-    assert max(sizes) < 0.6 * sum(sizes)  # balanced: no rank uploads (almost) everything
-    checkpoint = CheckpointManager(storage).load_latest()
-    _assert_bitwise_equal(weights, checkpoint.weights, "weights")
-    _assert_bitwise_equal(optimizer.state_dict(), checkpoint.optimizer_state, "optimizer")
-
-
-def test_a_rank_failing_its_upload_commits_nothing(tmp_path):
-    storage = open_storage(str(tmp_path / "run"))
-    _save(CheckpointManager(storage), 1)
-    results = _save_as_ranks(storage, 2, 2, {"w": torch.ones(4), "v": torch.zeros(4)}, {"state": {}}, fail_rank=1)
-    assert isinstance(results[1], OSError) and "injected" in str(results[1])
-    assert isinstance(results[0], OSError) and "another rank failed" in str(results[0])
-    assert not storage.exists("checkpoints/step-00000002/COMMITTED")
-    assert CheckpointManager(storage).load_latest().step == 1
-    assert storage.read_bytes("checkpoints/latest") == b"step-00000001"
 
 
 def test_latest_never_moves_back(tmp_path):
@@ -540,3 +599,191 @@ def test_conditional_write(storage):
     assert storage.read_bytes("p") == b"three"
     with pytest.raises(FileNotFoundError):
         storage.read_versioned("absent")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharded saves by real torchrun ranks (gloo): FSDP2 shards written by their owners, loaded at other world sizes.
+
+_RANKS = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from lens.storage import open_storage
+    from lens.train.checkpoint import CheckpointManager, apply_training_state, training_state
+
+    mode, run, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    open(f"{out}/pid-{mode}-{rank}", "w").write(str(os.getpid()))
+
+    def all_ok(ok):
+        failed = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(failed)
+        return failed.item() == 0
+
+    def lens_like(seed):
+        # A frozen block (the frozen model) and trainable blocks of sizes no world size divides evenly,
+        # each trainable block FSDP2-sharded over the ranks, as the trainer shards transformer blocks.
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(7, 7), *[nn.Sequential(nn.Linear(7, 7), nn.Tanh()) for _ in range(3)],
+                              nn.Linear(7, 5))
+        model[0].requires_grad_(False)
+        mesh = init_device_mesh("cpu", (world,))
+        for block in list(model)[1:]:
+            fully_shard(block, mesh=mesh)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, optimizer
+
+    def dump_whole(model, optimizer, name):
+        whole = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                          ignore_frozen_params=True))
+        if rank == 0:
+            torch.save(whole, f"{out}/{name}.pt")
+
+    manager = CheckpointManager(open_storage(run))
+    if mode == "save":
+        model, optimizer = lens_like(0)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            model(torch.randn(4, 7, generator=g)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        manager.save(3, training_state(model, optimizer), {"cursor": 3}, "a: 1\\n", rank=rank, world=world,
+                     all_ok=all_ok)
+        dump_whole(model, optimizer, f"saved-at-{world}")
+    elif mode == "load":
+        model, optimizer = lens_like(1)
+        tensors = training_state(model, optimizer)
+        def load(checkpoint):
+            checkpoint.load_into(tensors)
+            apply_training_state(model, optimizer, tensors)
+        assert manager.resume(load, rank=rank, all_ok=all_ok).step == 3
+        dump_whole(model, optimizer, f"loaded-at-{world}")
+    elif mode in ("kill", "fail"):
+        manager.save(1, {"model": {"w": torch.arange(6.0)}}, {"cursor": 1}, "step: 1\\n", rank=rank, world=world,
+                     all_ok=all_ok)
+        if mode == "fail" and rank == 1:  # this rank's upload fails, like an S3 outage seen by one node
+            from torch.distributed.checkpoint import FileSystemWriter
+            def write_data(self, plan, planner):
+                raise OSError("injected upload failure")
+            FileSystemWriter.write_data = write_data
+        g = torch.Generator().manual_seed(0)
+        weights = {f"layer{i}": torch.randn(12_500_000, generator=g) for i in range(4)}  # 200 MB, replicated
+        try:
+            manager.save(2, {"model": weights}, {"cursor": 2}, "step: 2\\n", rank=rank, world=world, all_ok=all_ok)
+        except Exception as e:
+            print(f"rank {rank} save failed: {type(e).__name__}: {e}".splitlines()[0], flush=True)
+            sys.exit(3)
+    dist.destroy_process_group()
+    """
+)
+
+
+def _torchrun(tmp_path, nproc: int, *args: str, wait: bool = True):
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS)
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [exe, "--standalone", f"--nproc-per-node={nproc}", str(script), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_loads_at_other_world_sizes_bitwise(tmp_path):
+    run, out = tmp_path / "run", tmp_path
+    rc, log = _torchrun(tmp_path, 2, "save", str(run), str(out))
+    assert rc == 0, log[-3000:]
+    folder = run / "checkpoints" / "step-00000003"
+    sizes = {r: sum(p.stat().st_size for p in folder.glob(f"__{r}_*.distcp")) for r in range(2)}
+    # Each rank wrote only its own shards: about half each, not all on one rank.
+    assert all(0.3 < size / sum(sizes.values()) < 0.7 for size in sizes.values()), sizes
+    saved = torch.load(out / "saved-at-2.pt", weights_only=True)
+    assert set(saved[0]) == {f"{i}.{p}" for i in (1, 2, 3) for p in ("0.weight", "0.bias")} | {"4.weight",
+                                                                                              "4.bias"}
+    for world in (1, 3):
+        rc, log = _torchrun(tmp_path, world, "load", str(run), str(out))
+        assert rc == 0, log[-3000:]
+        loaded = torch.load(out / f"loaded-at-{world}.pt", weights_only=True)
+        _assert_bitwise_equal(saved, loaded, f"world 2 -> {world}")
+    # One process without a process group (what `lens eval` does) reads the same whole tensors.
+    whole = load_checkpoint(str(run)).read()
+    _assert_bitwise_equal(saved[0], whole["model"], "one process")
+    _assert_bitwise_equal(saved[1]["state"], whole["optimizer"]["state"], "one process: optimizer")
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_sharded_save_leaves_latest_on_the_committed_step(tmp_path):
+    run, out = tmp_path / "run", tmp_path
+    proc = _torchrun(tmp_path, 2, "kill", str(run), str(out), wait=False)
+    step2 = run / "checkpoints" / "step-00000002"
+    try:
+        deadline = time.monotonic() + 180
+        while not any(p.stat().st_size > 0 for p in step2.glob("__1_*.distcp")) if step2.exists() else True:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "rank 1 did not start writing step 2 within 180 s"
+            time.sleep(0.001)
+        os.kill(int((out / "pid-kill-1").read_text()), signal.SIGKILL)  # rank 1, mid-write
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, log[-3000:]
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000001"
+    assert not (step2 / "COMMITTED").exists() and not (step2 / ".metadata").exists(), sorted(os.listdir(step2))
+    checkpoint = CheckpointManager(open_storage(str(run))).load_latest()
+    assert (checkpoint.step, checkpoint.state) == (1, {"cursor": 1}) and checkpoint.weights["w"].equal(
+        torch.arange(6.0))
+
+
+@pytest.mark.slow
+def test_a_rank_failing_its_upload_commits_nothing(tmp_path):
+    run, out = tmp_path / "run", tmp_path
+    rc, log = _torchrun(tmp_path, 2, "fail", str(run), str(out))
+    assert rc != 0
+    # Both ranks learn of the failure (DCP gathers every rank's write result before its metadata), in one line.
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank} save failed: OSError: saving checkpoint .*step-00000002 failed \(rank 1: "
+                         rf"OSError: injected upload failure\); not committing it", log), log[-3000:]
+    assert not (run / "checkpoints" / "step-00000002" / "COMMITTED").exists()
+    assert not (run / "checkpoints" / "step-00000002" / ".metadata").exists()
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000001"
+    assert CheckpointManager(open_storage(str(run))).load_latest().step == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer with async saves: training goes on during the upload, and the resume is exact.
+
+
+@pytest.mark.slow
+def test_trainer_with_async_checkpoints_resumes_exactly(tiny_files, tmp_path):
+    import yaml
+
+    from conftest import tiny_run_config
+
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "LENS_CACHE": str(tmp_path / "cache")}
+
+    def train(name: str, steps: int, *overrides: str) -> str:
+        cfg = tiny_run_config(tiny_files, "async", tmp_path / name, train={"max_steps": steps})
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        proc = subprocess.run([sys.executable, "-m", "lens", "train", str(tmp_path / f"{name}.yaml"), *overrides],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    train("sync", 4)
+    first = train("async", 2, "train.async_checkpoint=true")
+    assert "training goes on while it uploads" in first and "checkpoint step-00000002 committed" in first
+    second = train("async", 4, "train.async_checkpoint=true")
+    assert "resumed from" in second and "at step 2" in second
+    a, b = load_checkpoint(str(tmp_path / "sync")), load_checkpoint(str(tmp_path / "async"))
+    assert a.step == b.step == 4 and a.state == b.state
+    _assert_bitwise_equal(a.read(), b.read(), "async vs sync")

@@ -1,4 +1,5 @@
-"""lens.data.corpus and lens.data.source: corpus loading, tokenisation, the cache, positions, the sample cursor."""
+"""lens.data.corpus, lens.data.tokens and lens.data.source: corpus loading, tokenisation, the token store (built
+streamed, split over workers, killed and resumed), positions, the sample cursor."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from lens import rng
 from lens.config import DataConfig
 from lens.data import corpus as corpus_mod
-from lens.data.corpus import (Corpus, corpus_fingerprint, first_real_token, load_texts, sample_positions,
-                              token_stream, tokenize)
+from lens.data.corpus import Corpus, first_real_token, load_texts, sample_positions, token_stream, tokenize
 from lens.data.source import OnTheFlySource, SampleCursor, split_for_rank
 from lens.errors import ConfigError
 
@@ -209,24 +212,115 @@ def test_corpus_split_is_disjoint_tail_and_cached(tok, stdlib, tmp_path, monkeyp
     path = _write_txt(tmp_path / "c.txt", stdlib[:200])
     cfg = DataConfig(corpus=path, seq_len=16, val_fraction=0.07)
     corpus = Corpus.build(cfg, tok)
-    every = tokenize(load_texts(path), tok, 16)
+    every = tokenize(load_texts(path), tok, 16)  # 200 documents: one shard of the token store
     n = len(every)
     assert len(corpus.val) == math.ceil(0.07 * n) and len(corpus.train) == n - len(corpus.val)
-    assert torch.equal(torch.cat([corpus.train, corpus.val]), every)  # disjoint blocks covering all sequences
+    assert torch.equal(torch.cat([corpus.train[:], corpus.val[:]]), every)  # disjoint blocks covering all sequences
     assert corpus.first == 1 and corpus.seq_len == 16
-    assert corpus.fingerprint == corpus_fingerprint(corpus.train, corpus.val)
-    assert len(list((tmp_path / "cache" / "corpus").glob("*.safetensors"))) == 1
+    stores = list((tmp_path / "cache" / "tokens").glob("*/manifest.json"))
+    assert len(stores) == 1 and json.loads(stores[0].read_text())["dtype"] == "uint16"
 
     def refuse(*args, **kwargs):
         raise AssertionError("cache miss: the corpus was read or tokenised again")
 
-    monkeypatch.setattr(corpus_mod, "load_texts", refuse)
-    monkeypatch.setattr(corpus_mod, "token_stream", refuse)
+    monkeypatch.setattr(corpus_mod, "iter_texts", refuse)
+    monkeypatch.setattr(corpus_mod, "tokenize", refuse)
     again = Corpus.build(cfg, tok)
-    assert torch.equal(again.train, corpus.train) and torch.equal(again.val, corpus.val)
+    assert torch.equal(again.train[:], corpus.train[:]) and torch.equal(again.val[:], corpus.val[:])
     assert again.fingerprint == corpus.fingerprint
-    with pytest.raises(AssertionError, match="cache miss"):  # another seq_len is another cache entry
+    with pytest.raises(AssertionError, match="cache miss"):  # another seq_len is another store
         Corpus.build(DataConfig(corpus=path, seq_len=17), tok)
+
+
+def test_token_store_shards_are_fixed_length_rows_read_by_global_index(tok, stdlib, tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_CACHE", str(tmp_path / "cache"))
+    docs = stdlib[:300]
+    path = _write_txt(tmp_path / "c.txt", docs)
+    corpus = Corpus.build(DataConfig(corpus=path, seq_len=16, token_shard_docs=40, val_fraction=0.1), tok)
+    # shard j is documents [40 j, 40 j + 40) tokenized alone; global row k is row k of the shards concatenated
+    texts = load_texts(path)  # more than 300: docstrings with blank lines are several documents in a .txt
+    want = torch.cat([tokenize(texts[lo:lo + 40], tok, 16) for lo in range(0, len(texts), 40)])
+    got = torch.cat([corpus.train[:], corpus.val[:]])
+    assert torch.equal(got, want)
+    ids = torch.tensor([len(corpus.train) - 1, 0, 5, 5, len(corpus.train) // 2])  # any order, repeats, across shards
+    assert torch.equal(corpus.train[ids], want[ids])
+    assert len(corpus.train.store.manifest["shards"]) == math.ceil(len(texts) / 40)
+    capped = Corpus.build(DataConfig(corpus=path, seq_len=16, token_shard_docs=40, max_sequences=50), tok)
+    assert torch.equal(torch.cat([capped.train[:], capped.val[:]]), want[:50])
+    # the capped store stops at the first shard whose running count reaches 50
+    shards = capped.train.store.manifest["shards"]
+    assert sum(n for n, _ in shards) >= 50 > sum(n for n, _ in shards[:-1])
+
+
+def test_an_undecodable_corpus_file_is_named(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    _write_txt(folder / "a.txt", DOCS)
+    (folder / "b.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"data.corpus=.*b.txt.*byte 0xe9 at offset 3 is not UTF-8") as e:
+        Corpus.build(DataConfig(corpus=str(folder), seq_len=8), tok)
+    assert "\n" not in str(e.value)
+
+
+BUILD = textwrap.dedent("""
+    # A data-Job worker building its share of a token store, pausing before each shard so a test can kill it.
+    import sys, time
+    from transformers import PreTrainedTokenizerFast
+    from lens.config import DataConfig
+    from lens.data import corpus, tokens
+    from lens.storage import open_storage
+    tokenize, pause = corpus.tokenize, float(sys.argv[5])
+    def slow(*args, **kwargs):
+        time.sleep(pause)
+        return tokenize(*args, **kwargs)
+    corpus.tokenize = slow
+    tok = PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
+    data = DataConfig(corpus=sys.argv[2], seq_len=16, token_shard_docs=30)
+    done = tokens.build(data, tok, open_storage(sys.argv[3]), *map(int, sys.argv[4].split("/")))
+    print("complete" if done else "share done")
+""")
+
+
+def _store_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_token_store_killed_midway_and_rerun_or_split_is_the_uninterrupted_one(tok, stdlib, tmp_path):
+    from lens.data import tokens
+    from lens.storage import LocalStorage
+
+    tok.save_pretrained(tmp_path / "tok")
+    path = _write_txt(tmp_path / "c.txt", stdlib[:240])  # 30 documents per shard
+    data = DataConfig(corpus=path, seq_len=16, token_shard_docs=30)
+    assert tokens.build(data, tok, LocalStorage(tmp_path / "straight"))
+    straight = _store_files(tmp_path / "straight")
+    assert len([k for k in straight if k.endswith(".bin")]) == math.ceil(len(load_texts(path)) / 30) >= 8
+
+    # A data-Job worker (a real process) SIGKILLed after a few shards, then run again.
+    script = tmp_path / "build.py"
+    script.write_text(BUILD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TOKENIZERS_PARALLELISM": "false"}
+    killed = subprocess.Popen([sys.executable, str(script), str(tmp_path / "tok"), path, str(tmp_path / "killed"),
+                               "0/1", "0.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(list((tmp_path / "killed").glob("shards/*.json"))) < 3:
+        assert killed.poll() is None and time.time() < deadline, killed.communicate()
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    partial = _store_files(tmp_path / "killed")
+    assert "manifest.json" not in partial and 3 <= len([k for k in partial if k.endswith(".json")]) < 8
+    assert tokens.build(data, tok, LocalStorage(tmp_path / "killed"))
+    resumed = _store_files(tmp_path / "killed")
+    assert all(resumed[k] == v for k, v in partial.items())  # finished shards were kept, not rewritten
+    assert resumed == straight
+
+    # Three workers of an Indexed Job: the first two finish their share, the last one completes the store.
+    split = LocalStorage(tmp_path / "split")
+    assert [tokens.build(data, tok, split, i, 3) for i in range(3)] == [False, False, True]
+    assert _store_files(tmp_path / "split") == straight
 
 
 def test_corpus_too_small_raises(tok, tmp_path, monkeypatch):

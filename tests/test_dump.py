@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load as load_safetensors
 
-from lens.launch.chaos import FaultProxy, S3Server
+from _chaos import FaultProxy, S3Server
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,19 +141,20 @@ def test_dump_writes_every_shard_and_the_manifest(world, reference, tokenizer):
 
     manifest = json.loads(reference["manifest.json"])
     assert manifest["splits"] == {"train": {"count": 57, "shards": 8}, "val": {"count": 3, "shards": 1}}
-    assert (manifest["d_model"], manifest["layer"], manifest["seq_len"], manifest["dtype"]) == (32, 1, 16, "float32")
-    assert sorted(reference) == sorted(["manifest.json", "plan.json"]
-                                       + [f"train/shard-{i:05d}.safetensors" for i in range(8)]
-                                       + ["val/shard-00000.safetensors"])
+    assert (manifest["d_model"], manifest["layers"], manifest["seq_len"], manifest["dtype"]) == (32, [1], 16, "float32")
+    assert sorted(k for k in reference if not k.startswith("tokens/")) == sorted(
+        ["manifest.json", "plan.json"] + [f"train/shard-{i:05d}.safetensors" for i in range(8)]
+        + ["val/shard-00000.safetensors"])
+    assert {"tokens/manifest.json", "tokens/plan.json", "tokens/shards/00000.bin"} <= set(reference)
     last = load_safetensors(reference["train/shard-00007.safetensors"])
-    assert last["A"].shape == (1, 32) and last["A_prime"].shape == (1, 32)  # the final partial shard is written
+    assert last["A.1"].shape == (1, 32) and last["A_prime.1"].shape == (1, 32)  # the final partial shard is written
     # A is block 1's output at token_pos, as a full forward with output_hidden_states computes it.
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(world["model_dir"]).eval()
     first = load_safetensors(reference["train/shard-00000.safetensors"])
     with torch.no_grad():
-        for name, ids, pos in (("A", "input_ids", "token_pos"), ("A_prime", "input_ids_prime", "token_pos_prime")):
+        for name, ids, pos in (("A.1", "input_ids", "token_pos"), ("A_prime.1", "input_ids_prime", "token_pos_prime")):
             hidden = lm(input_ids=first[ids], output_hidden_states=True).hidden_states[2]
             want = hidden[torch.arange(SHARD), first[pos]]
             torch.testing.assert_close(first[name], want, atol=1e-5, rtol=1e-5)
@@ -228,7 +229,7 @@ def test_a_target_holding_another_dump_exits_2_and_keeps_it(world, reference):
     proc = run_dump(world, "ref", "model.layer=0")
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert "describes another dump" in last and "layer" in last
+    assert "describes another dump (differs in: layers)" in last
     assert objects(world, "ref") == reference
 
 
@@ -249,11 +250,26 @@ def s3_env(world, monkeypatch):
         monkeypatch.setenv(k, world["env"][k])
 
 
-def open_ref(world, **overrides):
+def ref_expected(world, tokenizer, corpus=None, **overrides) -> dict:
+    """The manifest the reference dump's config expects (`expected_manifest`), with `overrides` (a config edit)."""
+    from lens.config import from_dictconfig
+    from lens.data.corpus import Corpus
+    from lens.data.shards import expected_manifest
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["model_dir"])  # as `lens dump` loads it
+    raw = yaml.safe_load(world["config"].read_text())
+    raw["data"]["activations"] = "s3://acts/ref"
+    cfg = from_dictconfig(raw)
+    corpus = corpus or Corpus.build(cfg.data, tokenizer)
+    return {**expected_manifest(cfg, corpus, tokenizer, 32), **overrides}
+
+
+def open_ref(world, tokenizer, expected=None, layer=1, **kwargs):
     from lens.data.shards import ShardSource
 
-    kw = dict(model=str(world["model_dir"]), layer=1, d_model=32, seq_len=16, seed=3, resample_ablation=True)
-    return ShardSource.open("s3://acts/ref", **(kw | overrides))
+    return ShardSource.open("s3://acts/ref", expected or ref_expected(world, tokenizer), layer=layer, seed=3, **kwargs)
 
 
 def test_shard_source_follows_the_on_the_fly_order(world, reference, s3_env, tokenizer):
@@ -261,8 +277,8 @@ def test_shard_source_follows_the_on_the_fly_order(world, reference, s3_env, tok
     from lens.data.corpus import Corpus
     from lens.data.source import OnTheFlySource, SampleCursor, split_for_rank
 
-    source = open_ref(world, cache_shards=2)
     corpus = Corpus.build(DataConfig(corpus=str(world["corpus"]), seq_len=16, max_sequences=N_SEQ), tokenizer)
+    source = open_ref(world, tokenizer, cache_shards=2)
     fly = OnTheFlySource(corpus, seed=3, min_pos=4)
     assert source.n_train == fly.n_train == 57 and source.steps_per_epoch(10) == 6
     cursor = SampleCursor()
@@ -281,45 +297,83 @@ def test_shard_source_follows_the_on_the_fly_order(world, reference, s3_env, tok
     ids, pos, A, A_prime = source.val_batch(5)
     assert torch.equal(ids, corpus.val[torch.arange(5) % 3])
     source.close()
-    open_ref(world, corpus_fingerprint=corpus.fingerprint).close()  # the same corpus passes the check
 
 
-def test_shard_source_refuses_a_dump_of_another_run(world, reference, s3_env):
+# Each field a sample depends on, a value another config would give it, and the config key the error names.
+MANIFEST_EDITS = [
+    ("format", 1, "dump format"), ("model", "other/model", "model.name"), ("d_model", 64, "d_model"),
+    ("dtype", "bfloat16", "model.dtype"), ("tokenizer", "0123", "tokenizer"),
+    ("corpus", "stdlib", "data.corpus"), ("text_field", "body", "data.text_field"),
+    ("corpus_fingerprint", "0123", "corpus content"), ("seq_len", 32, "data.seq_len"), ("min_pos", 2, "data.min_pos"),
+    ("max_sequences", 61, "data.max_sequences"), ("val_fraction", 0.5, "data.val_fraction"), ("seed", 4, "run.seed"),
+    ("positions", "another rule", "position rule"),
+]
+
+
+def test_every_manifest_field_that_differs_is_refused_naming_it(world, reference, s3_env, tokenizer):
+    from lens.data.shards import CHECKED
     from lens.errors import InputError
 
-    with pytest.raises(InputError, match="model.layer is 0 but the dump has layer=1"):
-        open_ref(world, layer=0)
-    with pytest.raises(InputError, match="data.seq_len is 32"):
-        open_ref(world, seq_len=32)
-    with pytest.raises(InputError, match="made from another corpus"):
-        open_ref(world, corpus_fingerprint="0123")
-    with pytest.raises(InputError, match="d_model"):
-        open_ref(world, d_model=64)
-    with pytest.raises(InputError, match="s3://acts/nothing-here/manifest.json is missing"):
+    assert {field for field, _, _ in MANIFEST_EDITS} == set(CHECKED)  # the table covers every checked field
+    expected = ref_expected(world, tokenizer)
+    open_ref(world, tokenizer, expected).close()  # this run's own config passes
+    for field, value, named in MANIFEST_EDITS:
+        with pytest.raises(InputError, match=rf"{field} is .*\(.*{named}") as e:
+            open_ref(world, tokenizer, {**expected, field: value})
+        assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match=r"model.layer is 0 but the dump has layers=\[1\]"):
+        open_ref(world, tokenizer, expected, layer=0)
+    with pytest.raises(InputError, match="has no A' pairs"):
+        manifest = json.loads(reference["manifest.json"])
+        for key, data in reference.items():
+            body = json.dumps({**manifest, "resample_ablation": False}).encode() if key == "manifest.json" else data
+            world["s3"].put_object(Bucket="acts", Key=f"no-prime/{key}", Body=body)
         from lens.data.shards import ShardSource
 
-        ShardSource.open("s3://acts/nothing-here", model="m", layer=1, d_model=32, seq_len=16, seed=3)
+        ShardSource.open("s3://acts/no-prime", expected, layer=1, seed=3)
 
 
-def test_a_corrupt_shard_is_named(world, reference, s3_env):
+@pytest.mark.slow
+def test_training_on_a_dump_of_another_config_exits_2_naming_the_field(world, reference, tmp_path):
+    cmd = [sys.executable, "-m", "lens", "train", str(world["config"]), "data.activations=s3://acts/ref",
+           f"run.dir={tmp_path / 'run'}", "data.min_pos=2"]
+    proc = subprocess.run(cmd, cwd=world["root"], env=world["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "min_pos is 4 there, 2 for this run (data.min_pos)" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_missing_dump_is_waited_for_then_retryable(world, s3_env, tokenizer):
+    from lens.data.shards import ShardSource
+    from lens.data.wait import DataNotReady
+
+    with pytest.raises(DataNotReady, match="s3://acts/nothing-here is still not complete after "
+                                           "data.wait_timeout=0.5 s \\(not started\\)"):
+        ShardSource.open("s3://acts/nothing-here", ref_expected(world, tokenizer), layer=1, seed=3, wait_timeout=0.5)
+
+
+def test_a_corrupt_shard_is_named_and_a_rerun_rewrites_it(world, reference, s3_env, tokenizer):
+    from lens.data.shards import ShardSource
     from lens.errors import InputError
 
     for key, data in reference.items():
         if key == "train/shard-00003.safetensors":
             data = data[: len(data) // 2]  # a truncated object
         world["s3"].put_object(Bucket="acts", Key=f"corrupt/{key}", Body=data)
-    from lens.data.shards import ShardSource
-
-    source = ShardSource.open("s3://acts/corrupt", model=str(world["model_dir"]), layer=1, d_model=32, seq_len=16,
-                              seed=3)
+    world["s3"].delete_object(Bucket="acts", Key="corrupt/train/shard-00005.safetensors")
+    expected = ref_expected(world, tokenizer)
+    source = ShardSource.open("s3://acts/corrupt", expected, layer=1, seed=3)
     with pytest.raises(InputError, match="activation shard s3://acts/corrupt/train/shard-00003.safetensors is "
-                                         "corrupt"):
+                                         "corrupt .*rerun `lens dump` with this config"):
         source.lookup(torch.arange(57))
-    world["s3"].delete_object(Bucket="acts", Key="corrupt/train/shard-00003.safetensors")
-    source = ShardSource.open("s3://acts/corrupt", model=str(world["model_dir"]), layer=1, d_model=32, seq_len=16,
-                              seed=3, prefetch=False)
-    with pytest.raises(InputError, match="shard s3://acts/corrupt/train/shard-00003.safetensors is missing"):
-        source.lookup(torch.arange(57))
+    source = ShardSource.open("s3://acts/corrupt", expected, layer=1, seed=3, prefetch=False)
+    in_shard_5 = (source.order.rows(torch.arange(57)) // SHARD == 5).nonzero().squeeze(1)  # global ids reading it
+    with pytest.raises(InputError, match="shard s3://acts/corrupt/train/shard-00005.safetensors is missing"):
+        source.lookup(in_shard_5)
+    # The printed remedy works as printed: the rerun verifies every shard and rewrites the two bad ones.
+    proc = run_dump(world, "corrupt")
+    ok(proc)
+    assert "2 rewritten" in proc.stdout
+    assert objects(world, "corrupt") == reference
 
 
 # ------------------------------------------------------------------------------------------------ storage errors
@@ -403,17 +457,70 @@ def test_an_unknown_model_exits_2_and_writes_nothing(world):
 
 # ------------------------------------------------------------------------------------- training from the dump
 
-def train_from_dump(world, run_dir: Path, steps: int, nproc: int) -> list[dict]:
-    """`lens train` on the reference dump in S3 (resample ablation on), `nproc` torchrun workers; its metrics."""
+def train_cmd(world, run_dir: Path, steps: int, nproc: int, acts: str = "ref") -> list[str]:
     from test_train import torchrun
 
-    args = ["train", str(world["config"]), "data.activations=s3://acts/ref", f"run.dir={run_dir}",
+    args = ["train", str(world["config"]), f"data.activations=s3://acts/{acts}", f"run.dir={run_dir}",
             f"train.max_steps={steps}", "train.batch_size=6", "train.micro_batch_size=2", "train.checkpoint_every=2",
             "train.log_every=1", "train.eval_samples=3", "decoder.t_text=3", "optim.decay=constant"]
-    cmd = (torchrun(nproc) if nproc > 1 else [sys.executable]) + ["-m", "lens", *args]
-    proc = subprocess.run(cmd, cwd=world["root"], env=world["env"], capture_output=True, text=True, timeout=300)
+    return (torchrun(nproc) if nproc > 1 else [sys.executable]) + ["-m", "lens", *args]
+
+
+def train_from_dump(world, run_dir: Path, steps: int, nproc: int) -> list[dict]:
+    """`lens train` on the reference dump in S3 (resample ablation on), `nproc` torchrun workers; its metrics."""
+    proc = subprocess.run(train_cmd(world, run_dir, steps, nproc), cwd=world["root"], env=world["env"],
+                          capture_output=True, text=True, timeout=300)
     ok(proc)
+    return metrics(run_dir)
+
+
+def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_trainer_started_before_a_multi_layer_dump_waits_and_trains_as_on_a_single_layer_dump(world, reference):
+    """The cluster's start order: the trainer comes up first and waits for the token store and the dump; the dump
+    captures layers 0 and 1 in one pass; training reads model.layer=1 from it and trains the same lens, sample for
+    sample, as a trainer started after the single-layer reference dump."""
+    from lens.train.checkpoint import load_checkpoint
+
+    early_dir = world["root"] / "train-early"
+    trainer = subprocess.Popen(train_cmd(world, early_dir, 4, 1, acts="multi") + ["data.wait_timeout=600"],
+                               cwd=world["root"], env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    lines = []
+    try:
+        for line in trainer.stdout:  # the trainer is up and waiting before any data exists
+            lines.append(line)
+            if "waiting for token store s3://acts/multi/tokens" in line:
+                break
+        assert trainer.poll() is None, "".join(lines[-30:])
+        ok(run_dump(world, "multi", "data.layers=[0,1]"))
+        out = "".join(lines) + trainer.communicate(timeout=300)[0]
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert trainer.returncode == 0, out[-3000:]
+    multi = objects(world, "multi")
+    assert json.loads(multi["manifest.json"])["layers"] == [0, 1]
+    one, both = (load_safetensors(d["train/shard-00002.safetensors"]) for d in (reference, multi))
+    assert torch.equal(one["A.1"], both["A.1"]) and torch.equal(one["A_prime.1"], both["A_prime.1"])
+    assert both["A.0"].shape == both["A.1"].shape and not torch.equal(both["A.0"], both["A.1"])
+
+    late = metrics_by_step(train_from_dump(world, world["root"] / "train-late", 4, nproc=1))
+    early = metrics_by_step(metrics(early_dir))
+    assert sorted(early) == sorted(late) == [1, 2, 3, 4]
+    for s in early:
+        assert early[s]["data/next_sample"] == late[s]["data/next_sample"] == 6 * s
+        assert early[s]["train/loss"] == late[s]["train/loss"], s
+    wa, wb = load_checkpoint(str(early_dir)), load_checkpoint(str(world["root"] / "train-late"))
+    for name, t in wa.weights.items():
+        assert torch.equal(wb.weights[name], t), name
+
+
+def metrics_by_step(rows: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in rows if "train/loss" in r}
 
 
 @pytest.mark.slow

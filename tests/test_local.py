@@ -1,7 +1,8 @@
 """`scripts/launch.py CONFIG --local`: the rendered chart run on this machine, end to end on CPU with a tiny Llama.
 
 Two torchrun agents (the chart's Worker replicas) rendezvous on 127.0.0.1 and form one world of 2; with
-`data.on_the_fly=false` the dump Job's 2 indexes run first as processes and training reads their shards. A bad
+`data.on_the_fly=false` the dump Job's 2 indexes start with them, as on a cluster, and training waits for their
+token store and shards, then reads them. A bad
 config exits 2 naming the key before anything starts.
 """
 
@@ -81,7 +82,7 @@ def assert_trained(proc, run_dir: Path, steps: int) -> None:
     assert sorted(m["step"] for m in rows if "train/loss" in m) == list(range(1, steps + 1))
     # Two agents, each with one process, formed one world of 2 nodes.
     assert worker_world_sizes(proc.stdout) == {"worker-0": {"2"}, "worker-1": {"2"}}, proc.stdout[-4000:]
-    assert "[worker-0] torchrun --no-python lens train " in proc.stdout  # the chart's command, as rendered
+    assert "[worker-0] lens torchrun --no-python lens train " in proc.stdout  # the chart's command, as rendered
 
 
 @pytest.mark.slow
@@ -94,7 +95,7 @@ def test_local_trains_with_two_workers(world):
 
 
 @pytest.mark.slow
-def test_local_dumps_first_then_trains_from_the_shards(world):
+def test_local_starts_the_dump_job_and_the_trainer_together(world):
     run_dir, acts = world["root"] / "from-shards", world["root"] / "acts"
     proc = launch_local(world, "-f", str(world["values"]), f"run.dir={run_dir}", "train.max_steps=2",
                         "data.on_the_fly=false", f"data.activations={acts}")
@@ -102,7 +103,9 @@ def test_local_dumps_first_then_trains_from_the_shards(world):
     out = proc.stdout
     assert "[dump-0] lens dump " in out and "[dump-1] lens dump " in out
     assert "[dump-2]" not in out
-    assert out.index("[worker-0] torchrun") > max(out.rindex("[dump-0]"), out.rindex("[dump-1]"))
+    # started together: the agents start before either dump index has ended, and training reads the finished dump
+    started = re.search(r"\[worker-0\] .*torchrun --no-python lens train ", out)
+    assert started and started.start() < min(out.rindex("[dump-0]"), out.rindex("[dump-1]")), out[-4000:]
     assert any(p.is_file() for p in acts.rglob("*")), "the dump wrote no shards"
     assert_trained(proc, run_dir, 2)
 
@@ -153,11 +156,28 @@ def test_sigterm_stops_every_local_process(world):
 @pytest.mark.slow
 def test_dump_exit_2_fails_the_run_before_training(world):
     """Bad input found by the dump itself (here: a layer the model does not have) is not retried (the Job's
-    podFailurePolicy) and the trainers never start."""
+    podFailurePolicy), and the run stops before any training step."""
     run_dir, acts = world["root"] / "bad-dump", world["root"] / "bad-acts"
     proc = launch_local(world, "-f", str(world["values"]), f"run.dir={run_dir}", "model.layer=7",
                         "data.on_the_fly=false", f"data.activations={acts}", timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "model.layer" in proc.stdout
     assert "not retried" in proc.stdout and "retrying" not in proc.stdout
-    assert "[worker-" not in proc.stdout
+    assert not re.search(r"\[worker-\d\] .*step \d+/", proc.stdout)
+
+
+def test_local_pods_use_this_machines_caches_not_the_cache_volume(world, tmp_path):
+    """The chart points HF_HOME, LENS_CACHE, W&B's dirs... at the pod's cache volume; a local pod leaves them to this
+    shell (so a converted model or a token cache is reused), while the other mounts still become local folders."""
+    from lens.config import load_config
+    from lens.launch import local_manifests
+    from lens.launch.local import _Pod
+
+    docs = local_manifests(load_config(world["config"]), {})
+    job = next(d for d in docs if d["kind"] == "PyTorchJob")
+    spec = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    rendered = {e["name"] for e in spec["containers"][0]["env"]}
+    assert {"HF_HOME", "LENS_CACHE", "LENS_SCRATCH", "WANDB_DIR"} <= rendered
+    pod = _Pod(spec, None, {}, tmp_path, "worker-0")
+    assert not {"HF_HOME", "LENS_CACHE", "LENS_SCRATCH", "WANDB_DIR", "XDG_CACHE_HOME"} & set(pod.env)
+    assert pod.env["LENS_PREEMPT_FLAG"].startswith(str(tmp_path))  # /dev/shm/... became this pod's folder

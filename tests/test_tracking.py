@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from conftest import wandb_records
 from lens.tracking import JsonlTracker, NullTracker, make_tracker, wandb_mode
 
 
@@ -49,15 +48,61 @@ def test_repeated_steps_after_a_resume_are_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     tracker = make_tracker("lens-test", None, "run-c", "auto", {}, str(tmp_path))
     run = tracker.inner.run
+    wandb_steps, trainer_steps = [], []
     for step in [1, 2, 3, 4, 5, 4, 5, 6]:
         tracker.log({"train/loss": 1.0 / step}, step=step)
-    assert run.step == 8  # every row kept, in order
-    assert run.summary["trainer/step"] == 6 and run.summary["train/loss"] == pytest.approx(1 / 6)
+        wandb_steps.append(run.step)
+        trainer_steps.append(run.summary["trainer/step"])
+    assert wandb_steps == list(range(1, 9))  # W&B's own step: monotonic, every row kept, in order
+    assert trainer_steps == [1, 2, 3, 4, 5, 4, 5, 6]  # the charts' x-axis: the trainer's step as logged
+    assert run.summary["train/loss"] == pytest.approx(1 / 6)
     tracker.finish()
-    (run_file,) = (tmp_path / "wandb").glob("offline-run-*-run-c/run-run-c.wandb")
-    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-               for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
-    assert [h["_step"] for h in history] == list(range(8))  # W&B's own step: monotonic
-    assert [h["trainer/step"] for h in history] == [1, 2, 3, 4, 5, 4, 5, 6]
+    assert list((tmp_path / "wandb").glob("offline-run-*-run-c/run-run-c.wandb"))
     rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3, 4, 5, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_a_remote_run_dir_keeps_metrics_events_and_the_wandb_folder_across_pods(tiny_files, tmp_path, monkeypatch):
+    """run.dir on S3 (a real moto server): each `lens train` is a new pod with an empty scratch, yet run.dir ends
+    with every step's metrics and events of both, and each pod's offline W&B folder (what `wandb sync` reads)."""
+    import boto3
+    import yaml
+    from moto.server import ThreadedMotoServer
+
+    from conftest import tiny_run_config
+    from lens.cli import main
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        endpoint = "http://{}:{}".format(*server.get_host_and_port())
+        for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "WANDB_MODE": "offline"}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="runs")
+        for pod, steps in (("pod-a", 2), ("pod-b", 4)):
+            cfg = tiny_run_config(tiny_files, "remote-files", "s3://runs/remote-files",
+                                  train={"max_steps": steps, "checkpoint_every": 2}, wandb={"mode": "offline"})
+            cfg["storage"] = {"endpoint_url": endpoint}
+            (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+            monkeypatch.setenv("LENS_SCRATCH", str(tmp_path / pod))  # the pod's cache volume: new each time
+            assert main(["train", str(tmp_path / "config.yaml")]) == 0
+
+        def text(key):
+            return s3.get_object(Bucket="runs", Key=f"remote-files/{key}")["Body"].read().decode()
+
+        rows = [json.loads(line) for line in text("metrics.jsonl").splitlines()]
+        assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+        events = [json.loads(line) for line in text("events.jsonl").splitlines()]
+        assert [(e["event"], e["step"]) for e in events if e["event"] != "step"] == [
+            ("start", 0), ("checkpoint", 2), ("start", 2), ("checkpoint", 4)]
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="remote-files/wandb/")["Contents"]]
+        run_files = {k.split("/")[2] for k in keys if k.endswith("/run-remote-files.wandb")}
+        assert len(run_files) == 2 and all(f.startswith("offline-run-") for f in run_files), keys  # one per pod
+    finally:
+        server.stop()

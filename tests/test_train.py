@@ -32,14 +32,14 @@ import torch
 import yaml
 
 from lens.storage import open_storage
-from lens.train.checkpoint import CheckpointManager, load_checkpoint
+from lens.train.checkpoint import WRITE_THREADS, CheckpointManager, load_checkpoint
 
 from conftest import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 N = 3  # optimizer steps per half
 BATCH = 6
-CKPT_FILES = {"optimizer.pt", "rng.pt", "state.json", "config.yaml", "COMMITTED"}  # + one tensor part per rank
+CKPT_FILES = {".metadata", "rng.pt", "state.json", "config.yaml", "COMMITTED"}  # + DCP's files of each rank
 
 HELPER = textwrap.dedent("""
     # Trains like `lens train`, then every rank saves its own trainable weights beside the checkpoints.
@@ -253,7 +253,7 @@ def test_lens_train_writes_complete_checkpoints(world, straight):
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [f"step-{N:08d}", f"step-{2 * N:08d}"]
     for step in (N, 2 * N):
         folder = step_dir(run_dir, step)
-        parts = {"tensors-00000-of-00001.safetensors"}  # `straight` runs as one process
+        parts = {f"__0_{t}.distcp" for t in range(WRITE_THREADS)}  # `straight` runs as one process
         assert {p.name for p in folder.iterdir()} == CKPT_FILES | parts
         state = json.loads((folder / "state.json").read_text())
         assert state == {"step": step, "cursor": {"next": step * BATCH}, "wandb_run_id": "tiny-lens"}

@@ -22,10 +22,12 @@ class ActivationData:
 
     def __init__(self, cfg: LensConfig, orig: Orig, tokenizer, device: torch.device):
         self.cfg, self.orig, self.device = cfg, orig, device
+        # The token store: built here when it is this machine's cache, else waited for (the data Job writes it).
+        corpus = Corpus.build(cfg.data, tokenizer, cfg.storage.endpoint_url)
         if cfg.data.on_the_fly:
-            self.source = OnTheFlySource(Corpus.build(cfg.data, tokenizer), cfg.run.seed, cfg.data.min_pos)
-        else:  # activations dumped by `lens dump`; the manifest is checked against this config
-            self.source = ShardSource.from_config(cfg, d_model=orig.parts.d_model)
+            self.source = OnTheFlySource(corpus, cfg.run.seed, cfg.data.min_pos)
+        else:  # activations dumped by `lens dump` (waited for); every manifest field is checked against this config
+            self.source = ShardSource.from_config(cfg, corpus, tokenizer, d_model=orig.parts.d_model)
 
     @property
     def n_train(self) -> int:

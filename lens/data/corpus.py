@@ -1,8 +1,9 @@
 """Text -> fixed-length token sequences, and the positions explained in them.
 
-`load_texts` reads documents from a corpus spec (`data.corpus`), `tokenize` joins them into one token stream cut into
-sequences of `seq_len` tokens, `sample_positions` draws the explained position p of each sample from its integer key,
-and `Corpus.build` does all of it once per (corpus, tokenizer, seq_len) and caches the tensors on disk.
+`iter_texts` streams the documents of a corpus spec (`data.corpus`), `tokenize` joins documents into one token stream
+cut into sequences of `seq_len` tokens, `sample_positions` draws the explained position p of each sample from its
+integer key, and `Corpus.build` opens the config's token store (`lens/data/tokens.py`: the corpus tokenized once, in
+shards of `data.token_shard_docs` documents) and splits it into training and validation sequences.
 
 Every sequence is filled with real tokens (no padding): `[bos] + stream[k*(seq_len-1) : (k+1)*(seq_len-1)]` when the
 tokenizer has a BOS token, else `seq_len` stream tokens. So the last real token is always at `seq_len - 1`.
@@ -15,25 +16,23 @@ import hashlib
 import importlib
 import inspect
 import io
+import itertools
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from lens import rng
 from lens.config import DataConfig
 from lens.errors import ConfigError
-from lens.models.hub import default_cache_dir
 
 CORPUS_CHOICES = (
     '"stdlib", a .txt file (documents separated by blank lines), a .jsonl file (one JSON object per line), '
@@ -48,22 +47,30 @@ STDLIB_SKIP = frozenset({
     "readline", "rlcompleter", "lib2to3",
 })
 TOKENIZE_BATCH = 1000  # documents per tokenizer call: fast tokenizers parallelise within a call
+READ_BATCH = 1000  # rows per read from a datasets table
 
 
 # ----------------------------------------------------------------------------------------------- texts
 
 
 def load_texts(corpus: str, text_field: str = "text") -> list[str]:
-    """The documents of a corpus spec, in a deterministic order.
+    """All documents of a corpus spec as a list (small corpora and tests; the token store streams `iter_texts`)."""
+    return list(iter_texts(corpus, text_field))
+
+
+def iter_texts(corpus: str, text_field: str = "text") -> Iterator[str]:
+    """The documents of a corpus spec, streamed in a deterministic order.
 
     `corpus` is one of: `"stdlib"` (Python's own docstrings), a `.txt` file (documents separated by blank lines),
     a `.jsonl` file (field `text_field` of each line), a directory of such files (sorted by path), a directory
     written by `datasets` `save_to_disk` (a DatasetDict contributes its `train` split), or `hf:NAME[:CONFIG]`
-    (`datasets.load_dataset(NAME, CONFIG, split="train")`, which works offline only when cached).
-    Raises ConfigError naming `data.corpus` (bad spec, missing path) or `data.text_field` (missing field).
+    (`datasets.load_dataset(NAME, CONFIG, split="train", streaming=True)`, which works offline only when cached).
+    Files are read one at a time, datasets in batches of rows. Raises ConfigError naming `data.corpus` (bad spec,
+    missing path, a file that is not UTF-8) or `data.text_field` (missing field); the spec is checked at once, the
+    files as they are reached.
     """
     if corpus == "stdlib":
-        return stdlib_texts()
+        return iter(stdlib_texts())
     if corpus.startswith("hf:"):
         return _hub_dataset_texts(corpus, text_field)
     path = Path(corpus).expanduser()
@@ -73,13 +80,13 @@ def load_texts(corpus: str, text_field: str = "text") -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
         if not files:
             raise ConfigError("data.corpus", corpus, f"a directory holding .txt or .jsonl files ({path} has none)")
-        return [t for f in files for t in _file_texts(f, text_field)]
+        return (t for f in files for t in _file_texts(f, text_field))
     if path.suffix in (".txt", ".jsonl") or _looks_like_path(corpus):
         if not path.is_file():
             raise ConfigError("data.corpus", corpus, f"an existing file ({path.resolve()} does not exist)")
         if path.suffix not in (".txt", ".jsonl"):
             raise ConfigError("data.corpus", corpus, "a file ending in .txt or .jsonl")
-        return _file_texts(path, text_field)
+        return iter(_file_texts(path, text_field))
     raise ConfigError("data.corpus", corpus, CORPUS_CHOICES)
 
 
@@ -131,6 +138,14 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _file_texts(path: Path, text_field: str) -> list[str]:
+    try:
+        return _decoded_file_texts(path, text_field)
+    except UnicodeDecodeError as e:  # a binary or Latin-1 file among the text: name it, do not guess an encoding
+        raise ConfigError("data.corpus", str(path), f"UTF-8 text files ({path}: byte 0x{e.object[e.start]:02x} "
+                          f"at offset {e.start} is not UTF-8; convert or remove the file)") from None
+
+
+def _decoded_file_texts(path: Path, text_field: str) -> list[str]:
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8")
         return [doc.strip() for doc in re.split(r"\n[ \t]*\n", text) if doc.strip()]
@@ -155,18 +170,21 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _saved_dataset_texts(path: Path, text_field: str) -> list[str]:
+def _saved_dataset_texts(path: Path, text_field: str) -> Iterator[str]:
     import datasets
 
-    data = datasets.load_from_disk(str(path))
+    data = datasets.load_from_disk(str(path))  # memory-mapped Arrow: nothing is read until iterated
     if isinstance(data, datasets.DatasetDict):
         if "train" not in data:
             raise ConfigError("data.corpus", str(path), f"a DatasetDict with a train split (it has {list(data)})")
         data = data["train"]
-    return _column(data, text_field, str(path))
+    if text_field not in data.column_names:
+        raise ConfigError("data.text_field", text_field, f"a column of {path}: {data.column_names}")
+    return (t for batch in data.select_columns([text_field]).iter(batch_size=READ_BATCH)
+            for t in batch[text_field] if isinstance(t, str) and t)
 
 
-def _hub_dataset_texts(spec: str, text_field: str) -> list[str]:
+def _hub_dataset_texts(spec: str, text_field: str) -> Iterator[str]:
     import datasets
 
     parts = spec.split(":")
@@ -174,17 +192,16 @@ def _hub_dataset_texts(spec: str, text_field: str) -> list[str]:
         raise ConfigError("data.corpus", spec, "hf:NAME or hf:NAME:CONFIG")
     name, config = parts[1], (parts[2] if len(parts) == 3 else None)
     try:
-        data = datasets.load_dataset(name, config, split="train")
+        data = datasets.load_dataset(name, config, split="train", streaming=True)
+        rows = iter(data)
+        first_row = next(rows, None)
     except Exception as e:  # offline and not cached, unknown name or config: the message says which
         first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError("data.corpus", spec, f"a dataset available offline ({type(e).__name__}: {first})") from e
-    return _column(data, text_field, spec)
-
-
-def _column(data, text_field: str, where: str) -> list[str]:
-    if text_field not in data.column_names:
-        raise ConfigError("data.text_field", text_field, f"a column of {where}: {data.column_names}")
-    return [t for t in data[text_field] if isinstance(t, str) and t]
+    if first_row is not None and text_field not in first_row:
+        raise ConfigError("data.text_field", text_field, f"a column of {spec}: {sorted(first_row)}")
+    return (row[text_field] for row in itertools.chain([first_row] if first_row else [], rows)
+            if isinstance(row[text_field], str) and row[text_field])
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -244,41 +261,36 @@ def sample_positions(keys: torch.Tensor, first: int, seq_len: int, min_pos: int)
     return rng.randint(keys, low, high)
 
 
-def corpus_fingerprint(*tokens: torch.Tensor) -> str:
-    """Short sha256 hex of token tensors (their shapes, so seq_len and the split, and their bytes). A dump records
-    it so that training can check the dump was made from this corpus."""
-    h = hashlib.sha256()
-    for t in tokens:
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(t.to(torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------- corpus
 
 
 @dataclass
 class Corpus:
-    """Tokenised corpus split into training and validation sequences (a disjoint block: the last rows)."""
+    """Tokenised corpus split into training and validation sequences (a disjoint block: the last rows). `train` and
+    `val` index like (N, seq_len) int64 tensors (`SequenceView`s over the token store, or tensors in tests)."""
 
-    train: torch.Tensor  # (N_train, seq_len) int64
-    val: torch.Tensor  # (N_val, seq_len) int64
+    train: object  # (N_train, seq_len) rows
+    val: object  # (N_val, seq_len) rows
     first: int  # column of the first real (non-BOS) token
-    fingerprint: str  # corpus_fingerprint(train, val)
+    fingerprint: str  # the token store's content digest with the split: a dump records it
 
     @property
     def seq_len(self) -> int:
         return self.train.shape[1]
 
     @classmethod
-    def build(cls, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> "Corpus":
-        """Load, tokenize (or read the on-disk cache) and split. Validation is the last ceil(val_fraction * N) rows."""
+    def build(cls, data: DataConfig, tokenizer: PreTrainedTokenizerBase, endpoint_url: Optional[str] = None,
+              index: int = 0, count: int = 1, build_here: Optional[bool] = None) -> "Corpus":
+        """Open the config's token store (building or waiting for it: `TokenStore.open`), take its first
+        `data.max_sequences` sequences and split them. Validation is the last ceil(val_fraction * N) rows."""
+        from lens.data.tokens import SequenceView, TokenStore
+
         if data.max_sequences is not None and data.max_sequences < 2:
             raise ConfigError("data.max_sequences", data.max_sequences, "None (all) or an integer >= 2 (train + val)")
         first = first_real_token(tokenizer)
         position_range(first, data.seq_len, data.min_pos)  # fail before the slow part
-        tokens = _cached_tokens(data, tokenizer)
-        n = len(tokens)
+        store = TokenStore.open(data, tokenizer, endpoint_url, index, count, build_here)
+        n = store.n if data.max_sequences is None else min(store.n, data.max_sequences)
         if n < 2:  # one for training, one for validation
             raise ConfigError("data.corpus", data.corpus, f"a corpus with at least 2 sequences of data.seq_len="
                               f"{data.seq_len} tokens (it has {n}: use more text or a shorter seq_len)")
@@ -286,45 +298,12 @@ class Corpus:
         if n - n_val < 1:
             raise ConfigError("data.val_fraction", data.val_fraction, f"a fraction leaving at least 1 training "
                               f"sequence (the corpus has {n} sequences, {n_val} would be held out)")
-        train, val = tokens[: n - n_val], tokens[n - n_val:]
-        return cls(train=train, val=val, first=first, fingerprint=corpus_fingerprint(train, val))
+        fingerprint = hashlib.sha256(f"{store.fingerprint}:{n}:{n_val}".encode()).hexdigest()[:16]
+        return cls(train=SequenceView(store, 0, n - n_val), val=SequenceView(store, n - n_val, n), first=first,
+                   fingerprint=fingerprint)
 
 
-def cache_path(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
-    """`$LENS_CACHE/corpus/<sha>.safetensors`, the sha over everything the tokens depend on."""
-    key = {
-        "corpus": data.corpus,
-        "source": _source_stamp(data.corpus),
-        "text_field": data.text_field,
-        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                      _tokenizer_digest(tokenizer)],
-        "seq_len": data.seq_len,
-        "max_sequences": data.max_sequences,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return default_cache_dir() / "corpus" / f"{digest}.safetensors"
-
-
-def _cached_tokens(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    path = cache_path(data, tokenizer)
-    if path.is_file():
-        return load_file(str(path))["tokens"]
-    tokens = tokenize(load_texts(data.corpus, data.text_field), tokenizer, data.seq_len, data.max_sequences)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write elsewhere, then rename: a crash or a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"tokens": tokens.contiguous()}, tmp, metadata={"corpus": data.corpus})
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any other cache file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return tokens
-
-
-def _source_stamp(corpus: str) -> list:
+def source_stamp(corpus: str) -> list:
     """What changes when the corpus content changes: the Python version for stdlib, sizes and mtimes of local files.
     (A hub dataset name is taken as fixed.)"""
     if corpus == "stdlib":
@@ -334,7 +313,7 @@ def _source_stamp(corpus: str) -> list:
     return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     """Hash of the full tokenizer definition, so two tokenizers with the same name and size never share a cache."""
     if getattr(tokenizer, "is_fast", False):
         text = tokenizer.backend_tokenizer.to_str()

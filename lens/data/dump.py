@@ -8,11 +8,14 @@ the same bytes for it):
     context whenever N >= 2), at a position keyed by `(seed, RESAMPLE, i)`.
 Training does not read the dump in this order: `ShardSource` applies the per-epoch permutation on top.
 
-Work is split by shard: shards are numbered train first, then val, and worker `index` of `count` (a Kubernetes
-Indexed Job's pod) writes the shards j with j % count == index. Each shard is captured in batches that depend only on
-the shard, published atomically, and skipped when it already exists, so a killed worker just runs again. Whichever
-worker finds every shard present writes `manifest.json`; its content does not depend on who writes it.
-See `lens/data/shards.py` for the layout.
+Phase 1 is the token store (`lens/data/tokens.py`): each worker tokenizes its share of the corpus, then waits for
+the others' (with data.on_the_fly=true that is all `lens dump` does: the data Job of an on-the-fly run). Phase 2:
+shards are numbered train first, then val, and worker `index` of `count` (a Kubernetes Indexed Job's pod) writes
+the shards j with j % count == index, every block of `data.layers` from one forward (early exit after the deepest).
+Each shard is captured in batches that depend only on the shard, published atomically, and skipped when it already
+exists and loads with the shapes the manifest implies, so a killed worker just runs again and a rerun rewrites a
+corrupt or missing shard. Whichever worker finds every shard present writes `manifest.json`; its content does not
+depend on who writes it. See `lens/data/shards.py` for the layout.
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ import time
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from lens import rng
 from lens.config import LensConfig, check_against_model
-from lens.data.corpus import Corpus, _tokenizer_digest, sample_positions
-from lens.data.shards import FORMAT, MANIFEST, PLAN, SPLITS, all_shard_keys, manifest_mismatch, n_shards, read_json, \
-    shard_key
+from lens.data.corpus import Corpus, sample_positions
+from lens.data.shards import MANIFEST, PLAN, SPLITS, all_shard_keys, check_shard, dump_layers, expected_manifest, \
+    manifest_mismatch, read_json, shard_key
 from lens.errors import InputError
+from lens.models.blocks import _hidden_of
 from lens.models.hub import DTYPES, load_model
 from lens.models.orig import Orig
 from lens.storage import Storage, open_storage
@@ -42,16 +47,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SplitSamples:
-    """Everything needed to capture the samples of one split: (N, seq_len) ids and (N,) positions, and their A'
-    context when resample ablation is on."""
+    """Everything needed to capture the samples of one split: its (N, seq_len) rows and (N,) positions, and the rows
+    and positions of their A' contexts when resample ablation is on. Rows are read per shard (`rows[lo:hi]`)."""
 
-    input_ids: torch.Tensor
+    rows: object  # `SequenceView` (or tensor) of the split's sequences
     token_pos: torch.Tensor
-    input_ids_prime: torch.Tensor | None = None
+    prime_rows: torch.Tensor | None = None  # (N,) row of each sample's A' context
     token_pos_prime: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.rows)
 
 
 def split_samples(corpus: Corpus, split: str, seed: int, min_pos: int, prime: bool) -> SplitSamples:
@@ -62,31 +67,10 @@ def split_samples(corpus: Corpus, split: str, seed: int, min_pos: int, prime: bo
     stream = rng.POSITION if split == "train" else rng.VAL_POSITION
     samples = SplitSamples(tokens, sample_positions(rng.key(seed, stream, i), corpus.first, corpus.seq_len, min_pos))
     if prime:
-        samples.input_ids_prime = tokens[(i + n // 2) % n]
+        samples.prime_rows = (i + n // 2) % n
         samples.token_pos_prime = sample_positions(rng.key(seed, rng.RESAMPLE, i), corpus.first, corpus.seq_len,
                                                    min_pos)
     return samples
-
-
-def expected_manifest(cfg: LensConfig, corpus: Corpus, tokenizer, d_model: int) -> dict:
-    """The manifest this config and corpus produce. No timestamps or writer ids: every worker computes the same."""
-    size = cfg.data.shard_size
-    counts = {"train": len(corpus.train), "val": len(corpus.val)}
-    return {
-        "format": FORMAT,
-        "splits": {s: {"count": c, "shards": n_shards(c, size)} for s, c in counts.items()},
-        "shard_size": size,
-        "d_model": d_model,
-        "layer": cfg.model.layer,
-        "model": cfg.model.name,
-        "tokenizer": {"name": tokenizer.name_or_path, "digest": _tokenizer_digest(tokenizer)},
-        "dtype": cfg.model.dtype,
-        "seed": cfg.run.seed,
-        "corpus_fingerprint": corpus.fingerprint,
-        "seq_len": corpus.seq_len,
-        "min_pos": cfg.data.min_pos,
-        "resample_ablation": cfg.loss.resample_ablation,
-    }
 
 
 def worker_slot(index: int | None, count: int | None) -> tuple[int, int]:
@@ -106,23 +90,27 @@ def worker_slot(index: int | None, count: int | None) -> tuple[int, int]:
 
 
 def dump(cfg: LensConfig, index: int | None = None, count: int | None = None) -> bool:
-    """Write this worker's shards of the dump described by `cfg` into `cfg.data.activations`.
+    """Write this worker's share of the token store, then of the activation dump described by `cfg` into
+    `cfg.data.activations` (with data.on_the_fly=true, only the token store).
 
     Returns True when the whole dataset (all workers) is complete and its manifest written. Raises `InputError`
     (before writing anything) for an unusable target, an unloadable model, or a target holding another dump."""
     index, count = worker_slot(index, count)
-    if not cfg.data.activations:
+    if not cfg.data.on_the_fly and not cfg.data.activations:
         raise InputError("data.activations is not set; expected the dump target (a local path or s3://bucket/prefix)")
-    storage = open_storage(cfg.data.activations, cfg.storage.endpoint_url)
-    storage.check()  # a missing bucket or bad credentials fail now, not after the model has loaded
+    storage = None
+    if not cfg.data.on_the_fly:
+        storage = open_storage(cfg.data.activations, cfg.storage.endpoint_url)
+        storage.check()  # a missing bucket or bad credentials fail now, not after the model has loaded
     lm, tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
     d_model = lm.config.hidden_size
     check_against_model(cfg, lm.config.num_hidden_layers, d_model)
-    corpus = Corpus.build(cfg.data, tokenizer)
-    expected = expected_manifest(cfg, corpus, tokenizer, d_model)
-    if _claim(storage, expected):
-        log.info("dump: %s is already complete", storage.uri(MANIFEST))
+    corpus = Corpus.build(cfg.data, tokenizer, cfg.storage.endpoint_url, index, count, build_here=True)
+    if storage is None:
+        log.info("dump: token store complete (data.on_the_fly=true: no activations to dump)")
         return True
+    expected = expected_manifest(cfg, corpus, tokenizer, d_model)
+    complete = _claim(storage, expected)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     orig = Orig(lm.to(device))
@@ -130,14 +118,20 @@ def dump(cfg: LensConfig, index: int | None = None, count: int | None = None) ->
     mine = [job for j, job in enumerate(todo) if j % count == index]
     samples = {split: split_samples(corpus, split, cfg.run.seed, cfg.data.min_pos, cfg.loss.resample_ablation)
                for split in SPLITS}
-    log.info("dump: worker %d of %d, %d of %d shards -> %s", index, count, len(mine), len(todo), storage.uri())
+    log.info("dump: worker %d of %d, %d of %d shards -> %s%s", index, count, len(mine), len(todo), storage.uri(),
+             " (complete: verifying)" if complete else "")
     bar = _progress(len(mine))
+    rewritten = 0
     for k, (split, shard) in enumerate(mine, 1):
         key = shard_key(split, shard)
         start = time.perf_counter()
-        if storage.exists(key):  # published atomically, so an existing shard is complete
+        problem = shard_problem(storage, key, expected, split, shard, verify=complete)
+        if problem is None:
             status = "exists, skipped"
         else:
+            if complete:
+                log.warning("dump: %s %s; rewriting it", storage.uri(key), problem)
+                rewritten += 1
             write_shard(storage, key, orig, samples[split], shard, cfg, device)
             status = f"written in {time.perf_counter() - start:.1f} s"
         if bar is not None:
@@ -146,7 +140,29 @@ def dump(cfg: LensConfig, index: int | None = None, count: int | None = None) ->
             log.info("dump: shard %d/%d %s %s", k, len(mine), storage.uri(key), status)
     if bar is not None:
         bar.close()
+    if complete:
+        log.info("dump: %s is already complete; %d of this worker's %d shards verified, %d rewritten",
+                 storage.uri(MANIFEST), len(mine) - rewritten, len(mine), rewritten)
+        return True
     return finish(storage, expected)
+
+
+def shard_problem(storage: Storage, key: str, expected: dict, split: str, shard: int, verify: bool) -> str | None:
+    """Why shard `key` must be (re)written, or None. Shards are published atomically, so while the dump is under
+    way an existing one is complete; once the manifest says the dump is complete (`verify`), a rerun reads each
+    shard, so that one corrupted or deleted since is rewritten."""
+    if not verify:
+        return None if storage.exists(key) else "is missing"
+    try:
+        data = storage.read_bytes(key)
+    except FileNotFoundError:
+        return "is missing"
+    try:
+        tensors = load_safetensors(data)
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled bytes
+        return f"is corrupt ({type(e).__name__})"
+    problem = check_shard(tensors, expected, split, shard, expected["layers"])
+    return None if problem is None else f"is corrupt: {problem}"
 
 
 def _claim(storage: Storage, expected: dict) -> bool:
@@ -166,33 +182,48 @@ def _claim(storage: Storage, expected: dict) -> bool:
 
 def write_shard(storage: Storage, key: str, orig: Orig, samples: SplitSamples, shard: int, cfg: LensConfig,
                 device: torch.device) -> None:
-    """Capture samples [shard * shard_size, ...) of one split and publish them as one safetensors object."""
+    """Capture samples [shard * shard_size, ...) of one split, every dumped layer from one forward, and publish
+    them as one safetensors object."""
     lo = shard * cfg.data.shard_size
     hi = min(lo + cfg.data.shard_size, len(samples))
-    dtype = DTYPES[cfg.model.dtype]
-    tensors = {"input_ids": samples.input_ids[lo:hi].contiguous(), "token_pos": samples.token_pos[lo:hi].contiguous()}
-    tensors["A"] = capture(orig, tensors["input_ids"], tensors["token_pos"], cfg.model.layer,
-                           cfg.data.dump_batch_size, device).to(dtype)
-    if samples.input_ids_prime is not None:
-        tensors["input_ids_prime"] = samples.input_ids_prime[lo:hi].contiguous()
+    dtype, layers = DTYPES[cfg.model.dtype], dump_layers(cfg)
+    tensors = {"input_ids": samples.rows[lo:hi].contiguous(), "token_pos": samples.token_pos[lo:hi].contiguous()}
+    for layer, A in capture(orig, tensors["input_ids"], tensors["token_pos"], layers, cfg.data.dump_batch_size,
+                            device).items():
+        tensors[f"A.{layer}"] = A.to(dtype)
+    if samples.prime_rows is not None:
+        tensors["input_ids_prime"] = samples.rows[samples.prime_rows[lo:hi]].contiguous()
         tensors["token_pos_prime"] = samples.token_pos_prime[lo:hi].contiguous()
-        tensors["A_prime"] = capture(orig, tensors["input_ids_prime"], tensors["token_pos_prime"], cfg.model.layer,
-                                     cfg.data.dump_batch_size, device).to(dtype)
+        for layer, A in capture(orig, tensors["input_ids_prime"], tensors["token_pos_prime"], layers,
+                                cfg.data.dump_batch_size, device).items():
+            tensors[f"A_prime.{layer}"] = A.to(dtype)
     storage.write_bytes(key, save_safetensors(tensors, metadata={"first_sample": str(lo)}))
 
 
-def capture(orig: Orig, input_ids: torch.Tensor, positions: torch.Tensor, layer: int, batch_size: int,
-            device: torch.device) -> torch.Tensor:
-    """Block `layer`'s output at each row's position, (n, seq_len) ids and (n,) positions -> (n, d) fp32 on CPU.
+def capture(orig: Orig, input_ids: torch.Tensor, positions: torch.Tensor, layers: list[int], batch_size: int,
+            device: torch.device) -> dict[int, torch.Tensor]:
+    """The output of each block in `layers` at each row's position, (n, seq_len) ids and (n,) positions -> {layer:
+    (n, d) fp32 on CPU}.
 
-    Batches of `batch_size` rows, each cut after its own last position with early exit (`Orig.capture`); bf16
-    autocast on GPU."""
-    out = []
+    Batches of `batch_size` rows, each cut after its own last position; one forward per batch, stopped after the
+    deepest layer (`Orig.capture`) while hooks read the others; bf16 autocast on GPU."""
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    *shallow, deepest = sorted(layers)
     for s in range(0, len(input_ids), batch_size):
         ids, pos = input_ids[s:s + batch_size].to(device), positions[s:s + batch_size].to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(orig.capture(ids, layer, pos).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+        rows = torch.arange(len(pos), device=device)
+
+        def keep(layer):
+            return lambda module, args, output: out[layer].append(_hidden_of(output)[rows, pos].float().cpu())
+
+        hooks = [orig.parts.blocks[layer].register_forward_hook(keep(layer)) for layer in shallow]
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out[deepest].append(orig.capture(ids, deepest, pos).float().cpu())
+        finally:
+            for h in hooks:
+                h.remove()
+    return {layer: torch.cat(t) if t else torch.empty(0) for layer, t in out.items()}
 
 
 def finish(storage: Storage, expected: dict) -> bool:

@@ -2,14 +2,17 @@
 
 Layout (written by `lens/data/dump.py`):
 
+    tokens/                            the token store of the corpus (`lens/data/tokens.py`), unless data.tokens
     plan.json                          the manifest-to-be, written first; every writer checks it (no mixed dumps)
     train/shard-00000.safetensors      samples [0, shard_size) of the train split, then the next shard_size, ...
     val/shard-00000.safetensors        the same for the validation split
     manifest.json                      written last, once every shard of every split exists: the dump is complete
 
-A shard holds `A` (n, d) in the model dtype, `input_ids` (n, seq_len) int64, `token_pos` (n,) int64, and with resample
-ablation `A_prime`, `input_ids_prime`, `token_pos_prime` (A' captured in another sequence). Dump sample i of a split
-is sequence i of that split (see `lens/data/dump.py` for its position).
+A shard holds `A.<L>` (n, d) in the model dtype for each dumped layer L (`data.layers`, one forward), `input_ids`
+(n, seq_len) int64, `token_pos` (n,) int64, and with resample ablation `A_prime.<L>`, `input_ids_prime`,
+`token_pos_prime` (A' captured in another sequence). Dump sample i of a split is sequence i of that split (see
+`lens/data/dump.py` for its position). The manifest records everything a sample depends on; a run whose config
+gives another value for any of them is refused with exit 2 naming the field (`check_manifest`).
 
 Training draws global sample g exactly as `OnTheFlySource` does: epoch g // N, entry g % N of the seeded permutation
 `rng.permutation(N, seed, rng.PERMUTATION, epoch)`. So the cursor logic (`SampleCursor`, `split_for_rank`) is
@@ -28,8 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from safetensors.torch import load as load_safetensors
 
-from lens import rng
 from lens.data.source import EpochOrder
+from lens.data.wait import wait_until
 from lens.errors import InputError
 from lens.storage import Storage, open_storage
 
@@ -38,10 +41,83 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 SPLITS = ("train", "val")
-FORMAT = 1
-# Keys of the manifest that must agree with the run config for the activations to mean what training assumes.
-CHECKED = {"model": "model.name", "layer": "model.layer", "d_model": "d_model (of model.name)",
-           "seq_len": "data.seq_len"}
+FORMAT = 2
+# How a dump sample's position and A' context are chosen (`lens/data/dump.py`); a new rule gets a new name.
+POSITIONS = "uniform[first+min_pos, seq_len-1] keyed (seed, POSITION|VAL_POSITION, i); A' row (i+N//2)%N keyed " \
+            "(seed, RESAMPLE, i)"
+# Keys of the manifest that must agree with the run config for the activations to mean what training assumes,
+# and the config key to change. (`layers` must contain model.layer; `splits` and `shard_size` are layout.)
+CHECKED = {"format": "the dump format (dump again with this version)", "model": "model.name",
+           "d_model": "d_model (of model.name)", "dtype": "model.dtype", "tokenizer": "the tokenizer of model.name",
+           "corpus": "data.corpus", "text_field": "data.text_field",
+           "corpus_fingerprint": "the corpus content (data.corpus files, data.max_sequences, data.val_fraction)",
+           "seq_len": "data.seq_len", "min_pos": "data.min_pos", "max_sequences": "data.max_sequences",
+           "val_fraction": "data.val_fraction", "seed": "run.seed", "positions": "the position rule"}
+
+
+def dump_layers(cfg) -> list[int]:
+    """The blocks a dump of `cfg` captures: data.layers, else model.layer."""
+    return sorted(set(cfg.data.layers)) if cfg.data.layers else [cfg.model.layer]
+
+
+def expected_manifest(cfg, corpus, tokenizer, d_model: int) -> dict:
+    """The manifest this config and corpus produce. No timestamps or writer ids: every worker computes the same."""
+    from lens.data.corpus import tokenizer_digest
+
+    size = cfg.data.shard_size
+    counts = {"train": len(corpus.train), "val": len(corpus.val)}
+    return {
+        "format": FORMAT,
+        "splits": {s: {"count": c, "shards": n_shards(c, size)} for s, c in counts.items()},
+        "shard_size": size,
+        "d_model": d_model,
+        "layers": dump_layers(cfg),
+        "model": cfg.model.name,
+        "tokenizer": tokenizer_digest(tokenizer),  # the definition, not the path it was loaded from
+        "dtype": cfg.model.dtype,
+        "seed": cfg.run.seed,
+        "corpus": cfg.data.corpus,
+        "text_field": cfg.data.text_field,
+        "corpus_fingerprint": corpus.fingerprint,
+        "seq_len": corpus.seq_len,
+        "min_pos": cfg.data.min_pos,
+        "max_sequences": cfg.data.max_sequences,
+        "val_fraction": cfg.data.val_fraction,
+        "positions": POSITIONS,
+        "resample_ablation": cfg.loss.resample_ablation,
+    }
+
+
+def check_manifest(uri: str, found: dict, expected: dict, layer: int) -> None:
+    """InputError naming the first field in which the dump at `uri` differs from what this run would dump, or when
+    it lacks `layer` or the A' pairs the run needs."""
+    for key, what in CHECKED.items():
+        if found.get(key) != expected.get(key):
+            raise InputError(f"activation dump {uri} does not match the run: {key} is {found.get(key)!r} there, "
+                             f"{expected.get(key)!r} for this run ({what}); dump again, or point data.activations "
+                             f"elsewhere")
+    if layer not in found.get("layers", []):
+        raise InputError(f"activation dump {uri} does not match the run: model.layer is {layer} but the dump has "
+                         f"layers={found.get('layers')!r} (dump with data.layers including {layer})")
+    if expected.get("resample_ablation") and not found.get("resample_ablation"):
+        raise InputError(f"activation dump {uri} has no A' pairs, which loss.resample_ablation=true needs (dump "
+                         f"with loss.resample_ablation=true)")
+
+
+def check_shard(tensors: dict, manifest: dict, split: str, shard: int, layers: list[int]) -> str | None:
+    """What is wrong with a loaded shard's tensors (names and shapes the manifest implies), or None."""
+    count = manifest["splits"][split]["count"]
+    n = min(manifest["shard_size"], count - shard * manifest["shard_size"])
+    want = {"input_ids": (n, manifest["seq_len"]), "token_pos": (n,)}
+    names = ["A"] + (["A_prime"] if manifest.get("resample_ablation") else [])
+    want |= {f"{name}.{layer}": (n, manifest["d_model"]) for name in names for layer in layers}
+    if manifest.get("resample_ablation"):
+        want |= {"input_ids_prime": want["input_ids"], "token_pos_prime": (n,)}
+    for name, shape in want.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            got = tuple(tensors[name].shape) if name in tensors else "absent"
+            return f"{name} has shape {got}, expected {shape}"
+    return None
 
 
 def shard_key(split: str, shard: int) -> str:
@@ -85,8 +161,9 @@ class ShardSource:
     Thread safety: one trainer thread calls `lookup`/`val_batch`; loads run on a small background pool.
     """
 
-    def __init__(self, storage: Storage, manifest: dict, seed: int, cache_shards: int = 16, prefetch: bool = True):
-        self.storage, self.manifest, self.seed = storage, manifest, seed
+    def __init__(self, storage: Storage, manifest: dict, seed: int, layer: int, cache_shards: int = 16,
+                 prefetch: bool = True):
+        self.storage, self.manifest, self.seed, self.layer = storage, manifest, seed, layer
         self.shard_size = manifest["shard_size"]
         self.has_prime = bool(manifest.get("resample_ablation"))
         self.cache_shards = max(1, cache_shards)
@@ -98,40 +175,37 @@ class ShardSource:
         self._last_start: int | None = None  # first global id of the previous lookup: its stride predicts the next
 
     @classmethod
-    def open(cls, uri: str, *, model: str, layer: int, d_model: int, seq_len: int, seed: int,
-             resample_ablation: bool = False, corpus_fingerprint: str | None = None,
-             endpoint_url: str | None = None, **kwargs) -> ShardSource:
-        """Open the dump at `uri` and check it against the run: raises `InputError` naming the mismatching key,
-        or when the dump is incomplete (no manifest) or lacks the A' pairs resample ablation needs.
-        `corpus_fingerprint` (of the run's `Corpus`), when given, must equal the dump's. `seed` orders the samples
-        (the run's seed; the dump's own seed only chose the positions). `kwargs` go to the constructor."""
+    def open(cls, uri: str, expected: dict, *, layer: int, seed: int, endpoint_url: str | None = None,
+             wait_timeout: float = 0.0, **kwargs) -> ShardSource:
+        """Open the dump at `uri`, waiting up to `wait_timeout` s for it to complete (one log line per interval),
+        and check it against `expected` (`expected_manifest` of the run): raises `InputError` naming the
+        mismatching field (`check_manifest`). `layer` is the dumped block read; `seed` orders the samples (the
+        run's). `kwargs` go to the constructor."""
         storage = open_storage(uri, endpoint_url)
         storage.check()
+        plan = read_json(storage, PLAN)
+        if plan is not None:  # a dump of another config fails now, not after the wait
+            check_manifest(storage.uri(PLAN), plan, expected, layer)
+
+        def progress() -> str:
+            plan = read_json(storage, PLAN)
+            if plan is None:
+                return "not started"
+            present = set(storage.list())
+            keys = all_shard_keys(plan)
+            return f"{sum(k in present for k in keys)}/{len(keys)} shards"
+
+        wait_until(lambda: storage.exists(MANIFEST), f"activation dump {storage.uri()}", progress, wait_timeout)
         manifest = read_json(storage, MANIFEST)
-        if manifest is None:
-            raise InputError(f"no complete activation dump at {storage.uri()}: {storage.uri(MANIFEST)} is missing "
-                             f"(run `lens dump` with this config until it exits 0)")
-        wanted = {"model": model, "layer": layer, "d_model": d_model, "seq_len": seq_len}
-        for key, value in wanted.items():
-            if manifest.get(key) != value:
-                raise InputError(f"activation dump {storage.uri(MANIFEST)} does not match the run: {CHECKED[key]} is "
-                                 f"{value!r} but the dump has {key}={manifest.get(key)!r} (dump again, or point "
-                                 f"data.activations elsewhere)")
-        if corpus_fingerprint is not None and manifest.get("corpus_fingerprint") != corpus_fingerprint:
-            raise InputError(f"activation dump {storage.uri(MANIFEST)} was made from another corpus (fingerprint "
-                             f"{manifest.get('corpus_fingerprint')!r}, this run's data.corpus/data.seq_len/"
-                             f"data.max_sequences/data.val_fraction give {corpus_fingerprint!r})")
-        if resample_ablation and not manifest.get("resample_ablation"):
-            raise InputError(f"activation dump {storage.uri(MANIFEST)} has no A' pairs, which "
-                             f"loss.resample_ablation=true needs (dump with loss.resample_ablation=true)")
-        return cls(storage, manifest, seed, **kwargs)
+        check_manifest(storage.uri(MANIFEST), manifest, expected, layer)
+        return cls(storage, manifest, seed, layer, **kwargs)
 
     @classmethod
-    def from_config(cls, cfg, d_model: int, corpus_fingerprint: str | None = None, **kwargs) -> ShardSource:
-        """`open` with everything taken from a `LensConfig` (`cfg.data.activations`, model, layer, seq_len, seed)."""
-        return cls.open(cfg.data.activations, model=cfg.model.name, layer=cfg.model.layer, d_model=d_model,
-                        seq_len=cfg.data.seq_len, seed=cfg.run.seed, resample_ablation=cfg.loss.resample_ablation,
-                        corpus_fingerprint=corpus_fingerprint, endpoint_url=cfg.storage.endpoint_url, **kwargs)
+    def from_config(cls, cfg, corpus, tokenizer, d_model: int, **kwargs) -> ShardSource:
+        """`open` with everything taken from a `LensConfig` and its `Corpus`."""
+        return cls.open(cfg.data.activations, expected_manifest(cfg, corpus, tokenizer, d_model), layer=cfg.model.layer,
+                        seed=cfg.run.seed, endpoint_url=cfg.storage.endpoint_url,
+                        wait_timeout=cfg.data.wait_timeout, **kwargs)
 
     # ------------------------------------------------------------------------------------------- sampling
 
@@ -171,7 +245,7 @@ class ShardSource:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _rows(self, split: str, rows: torch.Tensor):
-        names = ("input_ids", "token_pos", "A") + (("A_prime",) if self.has_prime else ())
+        names = ("input_ids", "token_pos", f"A.{self.layer}") + ((f"A_prime.{self.layer}",) if self.has_prime else ())
         out = self._gather(split, rows, names)
         return (*out, None) if not self.has_prime else tuple(out)
 
@@ -232,20 +306,15 @@ class ShardSource:
             data = self.storage.read_bytes(key)
         except FileNotFoundError:
             raise InputError(f"activation shard {uri} is missing, though {self.storage.uri(MANIFEST)} says the "
-                             f"dump is complete (dump again into an empty location)") from None
+                             f"dump is complete; rerun `lens dump` with this config (it rewrites missing shards)"
+                             ) from None
         try:
             tensors = load_safetensors(data)
         except Exception as e:  # safetensors raises its own error types for truncated or garbled bytes
             raise InputError(f"activation shard {uri} is corrupt ({type(e).__name__}: {str(e)[:200]}); "
-                             f"delete it and rerun `lens dump` to rewrite it") from None
-        count = self.manifest["splits"][split]["count"]
-        n = min(self.shard_size, count - shard * self.shard_size)
-        want = {"A": (n, self.manifest["d_model"]), "input_ids": (n, self.manifest["seq_len"]), "token_pos": (n,)}
-        if self.has_prime:
-            want |= {"A_prime": want["A"], "input_ids_prime": want["input_ids"], "token_pos_prime": (n,)}
-        for name, shape in want.items():
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                got = tuple(tensors[name].shape) if name in tensors else "absent"
-                raise InputError(f"activation shard {uri} is corrupt: {name} has shape {got}, expected {shape}; "
-                                 f"delete it and rerun `lens dump` to rewrite it")
+                             f"rerun `lens dump` with this config (it rewrites corrupt shards)") from None
+        problem = check_shard(tensors, self.manifest, split, shard, [self.layer])
+        if problem is not None:
+            raise InputError(f"activation shard {uri} is corrupt: {problem}; rerun `lens dump` with this config "
+                             f"(it rewrites corrupt shards)")
         return tensors

@@ -25,7 +25,7 @@ from lens.launch.schema import check_manifests, crd_version_schema, strict_schem
 from lens.launch.values import values_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "consistency-lens"
+CHART = Path(__file__).parent / "chart"  # helm/consistency-lens, linked into the package so that it installs with it
 CRD_NAME = "pytorchjobs.kubeflow.org"
 KUBE_VERSION = "1.31.0"  # what `helm template` renders for offline; the live cluster's version is used on install
 TRAINER_SELECTOR = "app.kubernetes.io/instance={release},app.kubernetes.io/component=trainer"

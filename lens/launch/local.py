@@ -4,19 +4,21 @@ What runs is read from the manifests `helm template` rendered for the cluster, n
   - the dump Job (when rendered): its `completions` indexes as processes, at most `parallelism` at once, each with
     `JOB_COMPLETION_INDEX` (as the Job controller sets it) and the container's env; exit code 2 fails the run at once
     (the Job's podFailurePolicy), other failures are retried up to the Job's `backoffLimit`;
-  - then the PyTorchJob: one `torchrun` agent per Worker replica running the container's command, with the
-    environment the training operator injects (`PET_NNODES`, `PET_RDZV_ENDPOINT` = 127.0.0.1:<free port>,
-    `PET_RDZV_BACKEND`, `PET_RDZV_ID`, `PET_RDZV_CONF`, `PET_NPROC_PER_NODE`, `PET_MAX_RESTARTS`). The c10d
-    rendezvous store is hosted by this launcher rather than by the first agent (on a cluster: worker-0), so the
-    agents that finish last do not lose it while they shut down (a stack trace, though the exit code is 0).
+  - at the same time, as on a cluster, the PyTorchJob (its trainer waits for its data): one `torchrun` agent per
+    Worker replica running the container's command, with the environment the training operator injects
+    (`PET_NNODES`, `PET_RDZV_ENDPOINT` = 127.0.0.1:<free port>, `PET_RDZV_BACKEND`, `PET_RDZV_ID`, `PET_RDZV_CONF`,
+    `PET_NPROC_PER_NODE`, `PET_MAX_RESTARTS`). The c10d rendezvous store is hosted by this launcher rather than by
+    the first agent (on a cluster: worker-0), so the agents that finish last do not lose it while they shut down
+    (a stack trace, though the exit code is 0).
 Volumes are emulated by rewriting paths: the ConfigMap mount (/etc/lens) becomes a local directory holding the
 same files, each emptyDir mount (/dev/shm, /tmp) a per-process directory, for the command's arguments and env
 values that name them. Env taken from Secrets (valueFrom) is left out: local processes inherit this shell's
 environment (W&B, HF and AWS credentials included). Output is streamed with a `[dump-i]` / `[worker-r]` prefix.
 Pods are kept alive as on a cluster: an agent that fails (torchrun already restarted its workers up to maxRestarts)
 is started again after a back-off, like the operator's pod restart, and training resumes from its newest checkpoint
-(`WorkerGroup`). Exit code: 0 when every agent exits 0, 2 when a process exits 2, else the code of an agent whose
-restarts ran out.
+(`WorkerGroup`); which exit codes restart a pod follows the Worker's `restartPolicy` as the operator reads it
+(`ExitCode`: 128 and above, or killed by a signal; 1-127, bad input among them, fail the job). Exit code: 0 when
+every agent exits 0, else the code of the agent that failed the job (not restarted, or its restarts ran out).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lens.errors import InputError
+from lens.errors import InputError, is_retryable
 
 # Agents on one machine join within a second (default last call: 30 s); the store is ours (`_rendezvous_store`).
 LOCAL_RDZV_CONF = {"last_call_timeout": "1", "is_host": "false"}
@@ -112,8 +114,11 @@ class _Pod:
         self.argv = [self._local_path(a) for a in [*(c.get("command") or []), *(c.get("args") or [])]]
         if not self.argv:
             raise InputError(f"rendered container {c['name']!r} has no command")
+        # Secrets come from this shell's environment instead; so do the variables pointing into the pod's `cache`
+        # volume (HF_HOME, LENS_CACHE, W&B's dirs...): here the caches are this machine's own (and ./wandb-local).
+        caches = tuple(m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts") or [] if m["name"] == "cache")
         self.env = {e["name"]: self._local_path(str(e.get("value", ""))) for e in c.get("env") or []
-                    if "valueFrom" not in e}  # secrets: from this shell's environment instead
+                    if "valueFrom" not in e and not (caches and str(e.get("value", "")).startswith(caches))}
         hook = (((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []
         self.pre_stop = [self._local_paths_in(part) for part in hook]
 
@@ -266,8 +271,8 @@ class _Node:
 class WorkerGroup:
     """The PyTorchJob's Worker replicas as torchrun agents on this machine, kept alive the way the operator and
     kubelet keep pods alive: an agent that fails (torchrun gave up on its workers, or it was killed) is started
-    again after a back-off, up to the Job's backoffLimit (at most LOCAL_POD_RESTARTS here); an agent that exits 0
-    is done. Exit code 2 is bad input and stops the group.
+    again after a back-off, up to the Job's backoffLimit (at most LOCAL_POD_RESTARTS here), when the replica's
+    restartPolicy restarts that exit code (`restarts_pod`); an agent that exits 0 is done.
 
     Faults for chaos tests and benchmarks, callable from another thread: `kill_node` (the node vanishes: agent and
     workers SIGKILLed, the pod comes back after `down_s`), `preempt_node` (a spot reclaim: the preStop hook, then
@@ -299,6 +304,7 @@ class WorkerGroup:
                              f"machine has {gpus} (use --workers, or -f values with workers.gpus)")
         self.runner, self.lock = runner, threading.Lock()
         self.backoff_limit = min(int((spec.get("runPolicy") or {}).get("backoffLimit", 6)), LOCAL_POD_RESTARTS)
+        self.restart_policy = worker.get("restartPolicy", "Never")  # the operator's default
         self.nodes = []
         for r in range(replicas):
             pod = _Pod(worker["template"]["spec"], "pytorch", configmaps, workdir, f"worker-{r}")
@@ -313,14 +319,17 @@ class WorkerGroup:
         node.back_at = None
         node.proc = self.runner.start(f"worker-{node.rank}", node.pod.argv, node.env)
 
-    def run(self) -> int:
-        """Run until every agent exited 0 (0), one exited 2 (2), or restarts ran out (that agent's exit code)."""
+    def run(self, failed: Callable[[], int | None] = lambda: None) -> int:
+        """Run until every agent exited 0 (0), one exited 2 (2), or restarts ran out (that agent's exit code).
+        `failed` is polled too: an exit code it returns (the data Job failed) stops the group with that code."""
         with self.lock:
             for node in self.nodes:
                 self._start(node)
         while True:
             if self.runner.signalled:
                 return 128 + self.runner.signalled
+            if code := failed():
+                return code
             with self.lock:
                 code = self._poll()
             if code is not None:
@@ -338,8 +347,10 @@ class WorkerGroup:
             code = node.proc.poll()
             if code is None or code == 0:
                 continue
-            if code == 2:
-                return 2
+            if not restarts_pod(self.restart_policy, code):
+                self.runner.say(f"worker-{node.rank}", f"exit {_exit_code(code)}: restartPolicy "
+                                f"{self.restart_policy} does not restart it; the job fails")
+                return _exit_code(code)
             if node.restarts >= self.backoff_limit:
                 self.runner.say(f"worker-{node.rank}", f"exit {_exit_code(code)}: restart limit "
                                 f"({self.backoff_limit}) reached")
@@ -403,6 +414,14 @@ class WorkerGroup:
                             f"in {down_s:.0f} s")
 
 
+def restarts_pod(policy: str, returncode: int) -> bool:
+    """Whether the training operator recreates a Worker pod that exited `returncode` (negative: killed by a
+    signal) under the replica's `restartPolicy`."""
+    if policy == "ExitCode":
+        return is_retryable(returncode)
+    return policy == "Always" or (policy == "OnFailure" and returncode != 0)
+
+
 def _children(pid: int) -> list[int]:
     """Direct children of `pid` (torchrun's workers run in their own sessions: killing the agent orphans them)."""
     try:
@@ -455,9 +474,16 @@ class LocalRun:
 
 
 def run_local(docs: list[dict]) -> int:
-    """Run the rendered manifests `docs` here: the dump Job's indexes first (if rendered), then the PyTorchJob's
-    workers. Returns the exit code."""
+    """Run the rendered manifests `docs` here as a cluster does: the dump Job's indexes (if rendered) and the
+    PyTorchJob's workers start together, and the trainer waits for its data. A failed dump Job stops the run with
+    its exit code; a finished training waits for the dump Job to end. Returns the exit code."""
     with LocalRun(docs) as run:
-        code = run.dump() or run.workers().run()
+        dumped: list[int] = []
+        thread = threading.Thread(target=lambda: dumped.append(run.dump()), name="dump-job", daemon=True)
+        thread.start()
+        code = run.workers().run(failed=lambda: dumped[0] if dumped and dumped[0] else None)
+        if code == 0:
+            thread.join()
+            code = dumped[0]
     print(f"local run {'finished' if code == 0 else f'failed (exit {code})'}", file=sys.stderr)
     return code

@@ -10,7 +10,9 @@ as integer-or-string, and `nullable` as also-null.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -76,7 +78,9 @@ def sdk_round_trip_losses(job: dict) -> list[str]:
     from kubeflow.training import ApiClient
 
     client = ApiClient()
-    back = client.sanitize_for_serialization(client._ApiClient__deserialize(job, "KubeflowOrgV1PyTorchJob"))
+    # `deserialize` is the public entry: it reads a REST response's JSON body, which is what a manifest is.
+    response = SimpleNamespace(data=json.dumps(job))
+    back = client.sanitize_for_serialization(client.deserialize(response, "KubeflowOrgV1PyTorchJob"))
     return _differences(job, back, "")
 
 

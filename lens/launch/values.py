@@ -23,7 +23,8 @@ def chart_values(cfg: LensConfig, overrides: dict | None = None) -> dict:
     derived: dict[str, Any] = {
         "run": {"name": cfg.run.name},
         "config": to_yaml(cfg),
-        "dump": {"enabled": not cfg.data.on_the_fly},
+        # The data Job: the token store, then the activations; an on-the-fly run needs it for a shared data.tokens.
+        "dump": {"enabled": not cfg.data.on_the_fly or cfg.data.tokens is not None},
         "storage": {"endpointUrl": cfg.storage.endpoint_url or ""},
         "wandb": {"project": cfg.wandb.project, "entity": cfg.wandb.entity or ""},
     }

@@ -14,6 +14,8 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 _BLOCK_LISTS = ("model.layers", "transformer.h", "model.language_model.layers", "gpt_neox.layers", "model.decoder.layers")
 
@@ -55,8 +57,8 @@ class LMParts:
         return (weights.to(w.dtype) @ w) * self.embed_scale
 
 
-def resolve(lm: nn.Module) -> LMParts:
-    """Find blocks, embeddings and LM head of a HF causal LM."""
+def block_list(lm: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a HF causal LM (also of one built on the meta device)."""
     for path in _BLOCK_LISTS:
         node = lm
         for attr in path.split("."):
@@ -64,14 +66,20 @@ def resolve(lm: nn.Module) -> LMParts:
             if node is None:
                 break
         if isinstance(node, nn.ModuleList):
-            embed = lm.get_input_embeddings()
-            scale = getattr(embed, "embed_scale", None)
-            params = inspect.signature(lm.forward).parameters
-            return LMParts(lm=lm, blocks=node, embed=embed, lm_head=lm.get_output_embeddings(),
-                           embed_scale=1.0 if scale is None else float(scale),
-                           cache_kwarg="cache" if "cache" in params else "past_key_values")
+            return node
     raise NotImplementedError(f"cannot find the decoder blocks of {type(lm).__name__}; looked for "
                               f"{', '.join(_BLOCK_LISTS)}")
+
+
+def resolve(lm: nn.Module) -> LMParts:
+    """Find blocks, embeddings and LM head of a HF causal LM."""
+    blocks = block_list(lm)
+    embed = lm.get_input_embeddings()
+    scale = getattr(embed, "embed_scale", None)
+    params = inspect.signature(lm.forward).parameters
+    return LMParts(lm=lm, blocks=blocks, embed=embed, lm_head=lm.get_output_embeddings(),
+                   embed_scale=1.0 if scale is None else float(scale),
+                   cache_kwarg="cache" if "cache" in params else "past_key_values")
 
 
 class _StopForward(Exception):
@@ -95,21 +103,94 @@ def _hook(handle) -> Iterator[None]:
         handle.remove()
 
 
-def run_to_block(parts: LMParts, layer: int, **forward_kwargs) -> torch.Tensor:
+def run_to_block(parts: LMParts, layer: int, cache: DynamicCache | None = None, **forward_kwargs) -> torch.Tensor:
     """Run the model's own forward but stop right after block `layer`; return its output (B, S, d).
 
     Equals `output_hidden_states[layer + 1]` of a full forward, at a fraction of the cost (no upper blocks, no
-    LM head). Gradients flow as usual."""
+    LM head). Gradients flow as usual. With `cache`, the forward continues it and leaves the keys/values of blocks
+    0..layer in it (`layer = n_layers - 1`: a prefix's cache for every block, without the LM head)."""
 
     def stop(module, args, output):
         raise _StopForward(_hidden_of(output))
 
+    cache_kwargs = {} if cache is None else {parts.cache_kwarg: cache}
     with _hook(parts.blocks[layer].register_forward_hook(stop)):
         try:
-            parts.lm(**forward_kwargs, use_cache=False)
+            parts.lm(**forward_kwargs, use_cache=cache is not None, **cache_kwargs)
         except _StopForward as done:
             return done.hidden
     raise RuntimeError(f"block {layer} never ran")  # internal invariant: the hook always fires
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Keys and values per block, (B, heads, S, head_dim) each: a computed prefix, reusable by many passes."""
+
+
+def kv_of(cache: DynamicCache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers if layer.is_initialized]
+
+
+def cache_from(kv: KV, rows: int | None = None) -> DynamicCache:
+    """A fresh cache that starts with `kv` (broadcast from one row to `rows` rows when given).
+
+    A forward appends to its own cache, so every pass over a shared prefix gets one of these and the prefix is
+    never recomputed. Full layers, also for sliding-window blocks: every position stays addressable, which rows
+    with different positions need (their masks pick what each row sees)."""
+    cache = DynamicCache()
+    for k, v in kv:
+        if rows is not None:
+            k, v = k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+def prefix_kv(parts: LMParts, upto: int, **forward_kwargs) -> KV:
+    """Keys/values of blocks 0..upto for one forward's inputs (e.g. a prompt shared by a whole batch, one row)."""
+    cache = DynamicCache()
+    run_to_block(parts, upto, cache=cache, **forward_kwargs)
+    return kv_of(cache)
+
+
+def single_position_mask(parts: LMParts, positions: torch.Tensor, cached: int, dtype: torch.dtype):
+    """Attention mask of a one-token pass over a cache of `cached` positions, the token of row b standing at
+    positions[b]: it sees cached positions < positions[b] (within the sliding window, for sliding blocks) and
+    itself. An additive (B, 1, 1, cached + 1) mask, or one per attention kind for models with both kinds."""
+    cfg = parts.lm.config.get_text_config()
+    j = torch.arange(cached + 1, device=positions.device)
+    p = positions[:, None]
+    own = j == cached
+
+    def additive(seen: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(seen.shape, dtype=dtype, device=positions.device)
+        return mask.masked_fill(~seen, torch.finfo(dtype).min)[:, None, None, :]
+
+    full = additive((j < p) | own)
+    window = getattr(cfg, "sliding_window", None)
+    if window is None:
+        return full
+    # Same rule as the models' own sliding mask: key j is seen by query p when p - j < window.
+    sliding = additive(((j < p) & (p - j < window)) | own)
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds is None:  # one kind for every block (Mistral-style configs)
+        return sliding
+    if "sliding_attention" not in kinds:
+        return full
+    return {"full_attention": full, "sliding_attention": sliding}
+
+
+@contextmanager
+def read_block_output(parts: LMParts, layer: int, positions: torch.Tensor, into: list):
+    """While active, every forward appends block `layer`'s output at (row b, positions[b]) to `into` (B, d)."""
+    rows = torch.arange(positions.shape[0], device=positions.device)
+
+    def read(module, args, output):
+        into.append(_hidden_of(output)[rows, positions])
+
+    with _hook(parts.blocks[layer].register_forward_hook(read)):
+        yield
 
 
 @contextmanager

@@ -2,6 +2,8 @@
 
 One prefix builder (`prefix`), one generation loop (`generate`: straight-through Gumbel-softmax or hard sampling,
 with or without a KV cache) and one teacher-forced scorer (`score`) built on the same prefix and slot patching.
+The prompt left of the slot is the same for every row: its keys/values are computed once per forward (one row,
+with gradients, since the prompt is trainable) and broadcast to the batch.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from lens import rng
 from lens.config import DecoderConfig
-from lens.models.blocks import before_blocks, resolve
+from lens.models.blocks import before_blocks, cache_from, prefix_kv, resolve
 from lens.models.prompt import split_prompt
 
 
@@ -63,25 +64,34 @@ class Decoder(nn.Module):
         slot = self.proj(A).unsqueeze(1)
         return torch.cat([self.prompt_left.expand(B, -1, -1), slot, self.prompt_right.expand(B, -1, -1)], dim=1)
 
-    def _slot_patch(self, A: torch.Tensor):
-        """Overwrite the residual at the slot before each of the first `n_patch` blocks (a pass holding the slot)."""
+    def _slot_patch(self, A: torch.Tensor, index: int):
+        """Overwrite the residual at `index` (where the slot sits in this pass's input) before each of the first
+        `n_patch` blocks."""
         if self.n_patch == 0:
             return nullcontext()
 
         def overwrite(i: int, hidden: torch.Tensor) -> torch.Tensor:
             proj = self.layer_proj[i] if len(self.layer_proj) else self.proj
             hidden = hidden.clone()
-            hidden[:, self.slot] = proj(A).to(hidden.dtype)
+            hidden[:, index] = proj(A).to(hidden.dtype)
             return hidden
 
         return before_blocks(self.parts, self.n_patch, overwrite)
 
-    def _forward(self, A: torch.Tensor, embeds: torch.Tensor, cache, with_slot: bool) -> torch.Tensor:
-        """Run the LM on `embeds` (patching the slot when this pass holds it); fp32 logits of the last position."""
-        with self._slot_patch(A) if with_slot else nullcontext():
+    def _left_cache(self, rows: int):
+        """A cache holding the left prompt's keys/values, computed for one row and broadcast to `rows`."""
+        embeds = self.prompt_left[None].to(self.parts.embed.weight.dtype)
+        kv = prefix_kv(self.parts, self.parts.n_layers - 1, inputs_embeds=embeds) if self.slot else []
+        return cache_from(kv, rows=rows)
+
+    def _forward(self, A: torch.Tensor, embeds: torch.Tensor, cache, slot: int | None,
+                 keep: int = 1) -> torch.Tensor:
+        """Run the LM on `embeds` (patching the slot at index `slot` when this pass holds it); fp32 logits of the
+        last `keep` positions."""
+        with self._slot_patch(A, slot) if slot is not None else nullcontext():
             out = self.lm(inputs_embeds=embeds.to(self.parts.embed.weight.dtype), use_cache=cache is not None,
-                          logits_to_keep=1, **{self.parts.cache_kwarg: cache})
-        return out.logits[:, -1].float()
+                          logits_to_keep=keep, **{self.parts.cache_kwarg: cache})
+        return out.logits.float()
 
     def generate(self, A: torch.Tensor, t_text: int, keys: torch.Tensor, *, tau: float = 1.0, hard: bool = False,
                  temperature: float = 1.0, use_cache: bool = True) -> Generation:
@@ -93,14 +103,14 @@ class Decoder(nn.Module):
         at `temperature` (an exact sample of softmax(logits / temperature)), no gradients."""
         with torch.no_grad() if hard else nullcontext():
             prefix = self.prefix(A)
-            cache = DynamicCache(config=self.lm.config) if use_cache else None
+            cache = self._left_cache(A.shape[0]) if use_cache else None
             ids, embeds, logits = [], [], []
-            step_input = prefix
+            step_input = prefix[:, self.slot:]  # the slot and the right prompt: the left one is in the cache
             for t in range(t_text):
                 if use_cache:
-                    logits_t = self._forward(A, step_input, cache, with_slot=t == 0)
+                    logits_t = self._forward(A, step_input, cache, slot=0 if t == 0 else None)[:, -1]
                 else:  # recompute the whole sequence: the reference the cached path must equal
-                    logits_t = self._forward(A, torch.cat([prefix, *embeds], dim=1), None, with_slot=True)
+                    logits_t = self._forward(A, torch.cat([prefix, *embeds], dim=1), None, slot=self.slot)[:, -1]
                 noise = rng.gumbel(rng.key(keys, t), logits_t.shape[-1])
                 if hard:
                     id_t = torch.argmax(logits_t / temperature + noise, dim=-1)
@@ -118,9 +128,5 @@ class Decoder(nn.Module):
 
     def score(self, A: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced: (B, T, V) fp32 logits that predict ids[:, t] after the prefix and ids[:, :t]."""
-        prefix = self.prefix(A)
-        inputs = torch.cat([prefix, self.parts.embed_ids(ids[:, :-1]).float()], dim=1)
-        with self._slot_patch(A):
-            out = self.lm(inputs_embeds=inputs.to(self.parts.embed.weight.dtype), use_cache=False,
-                          logits_to_keep=ids.shape[1])
-        return out.logits.float()
+        inputs = torch.cat([self.prefix(A)[:, self.slot:], self.parts.embed_ids(ids[:, :-1]).float()], dim=1)
+        return self._forward(A, inputs, self._left_cache(A.shape[0]), slot=0, keep=ids.shape[1])

@@ -25,9 +25,11 @@ from typing import Iterator
 
 import huggingface_hub
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.errors import InputError
+from lens.errors import InputError, RetryableError
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_NAMES = (SMOLLM2_ID, "smollm2-135m")
@@ -97,14 +99,28 @@ def load_model(
 
 
 def _load(name: str, source: str, dtype: torch.dtype, **kw) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    # from_pretrained signals missing/unreadable files (and hub ids absent offline) with OSError or ValueError;
-    # both mean the input is wrong, so they become one InputError line instead of a stack of retries.
+    # from_pretrained signals missing or damaged files (and hub ids absent offline) with OSError, ValueError or a
+    # SafetensorError: the input is wrong, one InputError line. A hub it could not reach (after huggingface_hub's
+    # own retries with backoff) may come back: retryable.
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(source, **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
+        if _hub_unreachable(e):
+            raise RetryableError(f"model.name={name!r}: the model hub is unreachable and the HF cache has no copy "
+                                 f"({_first_line(e)}); retrying later, or set model.name to a local copy") from e
         raise _bad(name, f"cannot load it ({_first_line(e)})") from e
     return model, tok
+
+
+def _hub_unreachable(e: BaseException | None) -> bool:
+    if huggingface_hub.constants.HF_HUB_OFFLINE:  # offline by choice: a file missing from the cache stays missing
+        return False
+    while e is not None:
+        if isinstance(e, (LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -115,7 +131,7 @@ def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokeni
     if not huggingface_hub.constants.HF_HUB_OFFLINE:
         try:
             return _load(SMOLLM2_ID, SMOLLM2_ID, dtype)
-        except InputError as e:  # not cached and hub unreachable: the documented next step, said out loud
+        except (InputError, RetryableError) as e:  # not on the hub or no hub: the documented next step, said out loud
             _log(f"{SMOLLM2_ID}: hub copy not available ({_first_line(e.__cause__ or e)})")
     _log(f"{SMOLLM2_ID}: converting the GGUF from the PyPI wheel {SMOLLM2_WHEEL}")
     return _load(SMOLLM2_ID, str(smollm2_dir()), dtype)

@@ -4,23 +4,27 @@ A run directory (local or ``s3://``) holds::
 
     checkpoints/
       step-00000200/
-        tensors-00000-of-00002.safetensors   rank 0's share of the tensors: trainable weights (fp32 masters) as
-        tensors-00001-of-00002.safetensors   "weights/<name>", optimizer tensors as "optimizer/<path>"
-        optimizer.pt          optimizer.state_dict() with its tensors replaced by references into the parts
-        rng.pt                python, numpy, torch CPU and CUDA RNG states (see rng_state())
-        state.json            {"step": 200, ...trainer state: data cursor, scheduler, W&B run id}
-        config.yaml           the resolved run config
-        COMMITTED             written after every rank confirmed its part: JSON naming each part and its size
-      latest                  text: the name of the newest saved folder, written last
+        __0_0.distcp      rank 0's shards of the tensors (torch.distributed.checkpoint, "DCP"): each rank writes
+        __1_0.distcp      only what it owns (its FSDP shards; replicated tensors are spread over the ranks)
+        .metadata         DCP's index of every shard, written by rank 0 after every rank's data
+        rng.pt            python, numpy, torch CPU and CUDA RNG states (rank 0's; see rng_state())
+        state.json        {"step": 200, ...trainer state: data cursor, W&B run id}
+        config.yaml       the resolved run config
+        COMMITTED         written after .metadata: JSON naming the step, the world size and every file
+      unloadable/step-00000300/   a checkpoint a resume found it could not load, moved aside (never deleted);
+                                  REASON says why
+      latest              text: the name of the newest committed folder
 
-Saving is collective: every rank holds the same (replicated) state and uploads a disjoint share of the tensors, so a
-save takes about 1/world of the time one writer would. Every object is published atomically by ``lens.storage``,
-but a save is many objects and a writer can die between any two. So a folder counts only once its ``COMMITTED``
-marker exists; ``latest`` is a hint that is followed when it names a committed folder and otherwise replaced by the
-newest committed folder, and it is moved with a conditional write, never back to an older step (a save that a
-restarted generation overtook cannot rewind it). Uncommitted folders are leftovers of a killed save: readers ignore
-them and the next save deletes them. Resume, ``lens eval`` and ``lens explain`` all read through
-:func:`load_checkpoint` / :meth:`CheckpointManager.load_latest`.
+The tensors are one DCP state dict, ``{"model": {name: tensor}, "optimizer": {...}}`` (see training_state()),
+keyed by parameter names, so a checkpoint saved at one world size loads at any other: DCP reshards on load.
+
+Every object is published atomically, but a save is many objects and a writer can die between any two. So a folder
+counts only once its ``COMMITTED`` marker exists; ``latest`` is a hint that is followed when it names a committed
+folder and otherwise replaced by the newest committed folder, and it is moved with a conditional write, never back
+to an older step (a save that a restarted generation overtook cannot rewind it). Uncommitted folders are leftovers
+of a killed save: readers ignore them and the next save deletes them. A committed checkpoint that does not load
+(a truncated shard, a garbled marker) is reported in one line and skipped: resume falls back to the newest one
+before it that loads (:meth:`CheckpointManager.resume`).
 """
 
 from __future__ import annotations
@@ -31,34 +35,41 @@ import logging
 import posixpath
 import random
 import re
+import threading
 import time
+import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import safetensors.torch
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lens.errors import InputError
 from lens.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
+# What a checkpoint that does not load raises: anything, and DCP's CheckpointException (a BaseException) gathering
+# every rank's failure.
+LOAD_ERRORS = (Exception, CheckpointException)
+# DCP warns at every call without a process group that it assumes one process (also from its upload thread): that is
+# the intent here (no_dist is passed explicitly).
+warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
 
 CHECKPOINTS = "checkpoints"
 LATEST = f"{CHECKPOINTS}/latest"
-OPTIMIZER = "optimizer.pt"
+UNLOADABLE = f"{CHECKPOINTS}/unloadable"
+METADATA = ".metadata"  # DCP's index, written last of DCP's files
 RNG = "rng.pt"
 STATE = "state.json"
 CONFIG = "config.yaml"
 COMMITTED = "COMMITTED"
+REASON = "REASON"
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_TENSOR_REF = "tensor:"  # in optimizer.pt, a string "tensor:optimizer/state/0/exp_avg" stands for that tensor
-
-
-def part_name(rank: int, world: int) -> str:
-    return f"tensors-{rank:05d}-of-{world:05d}.safetensors"
+# Upload threads per rank (DCP: one file per thread). Measured by bench/checkpoint.py: see the README.
+WRITE_THREADS = 4
 
 
 def alone(ok: bool) -> bool:
@@ -73,17 +84,69 @@ def step_dirname(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # The frozen model is not ours to save: only trainable parameters, their optimizer state and buffers.
+    return StateDictOptions(ignore_frozen_params=True, **kw)
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The tensors a checkpoint holds, as a DCP state dict: this rank's shards (FSDP2 DTensors) or its replicas
+    (plain and DDP modules), keyed by parameter names whatever the wrapping. Views of the live tensors: nothing is
+    gathered or copied."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options())
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def apply_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
+    """Inverse of :func:`training_state`, after a :meth:`Checkpoint.load_into` filled ``tensors``."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    # Not strict: the frozen parameters are absent by design. Every trainable one is there, as dcp.load filled
+    # exactly the keys training_state() listed.
+    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"],
+                   options=_options(strict=False))
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """The model half of :func:`training_state` (for inference: no optimizer)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return {"model": get_model_state_dict(model, options=_options())}
+
+
+def apply_model_state(model: torch.nn.Module, tensors: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, tensors["model"], options=_options(strict=False))
+
+
+def _no_dist() -> bool:
+    """No process group (one process reading or writing alone): DCP then runs without collectives."""
+    return not torch.distributed.is_initialized()
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line; DCP's CheckpointException is unwrapped to the first failing rank's error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, wrapped = sorted(failures.items())[0]
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped  # (exception, its stack)
+        return f"rank {rank}: {one_line(inner)}"
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 @dataclass
 class Checkpoint:
-    """One committed checkpoint, read back into memory (tensors on CPU)."""
+    """One committed checkpoint: its small state read into memory, its tensors read on demand."""
 
     step: int
-    weights: dict[str, torch.Tensor]
-    """Trainable tensors by name, bitwise as saved."""
-    optimizer_state: dict
-    """``optimizer.state_dict()`` as saved; pass to ``optimizer.load_state_dict``."""
     state: dict
-    """The small trainer state passed to ``save`` (data cursor, scheduler, W&B run id, ...), through JSON."""
+    """The small trainer state passed to ``save`` (data cursor, W&B run id, ...), through JSON."""
     rng: dict
     """RNG states as captured by :func:`rng_state`; pass to :func:`set_rng_state`."""
     config_yaml: str
@@ -92,6 +155,88 @@ class Checkpoint:
     """The step folder's name, e.g. ``step-00000123``."""
     uri: str
     """Where the step folder lives."""
+    folder: Storage = field(repr=False)
+    _whole: dict | None = field(default=None, repr=False)
+
+    def load_into(self, tensors: dict, process_group=None) -> None:
+        """Fill ``tensors`` (a DCP state dict such as :func:`training_state`'s, or a part of one) in place. Each
+        rank reads only the shards it holds, at any world size. Collective when a process group is up."""
+        dcp.load(tensors, storage_reader=self.folder.dcp_reader(), process_group=process_group, no_dist=_no_dist())
+
+    def read(self) -> dict:
+        """The whole state dict in this process, unsharded, on CPU (for inspection and tests; training loads
+        with :meth:`load_into`)."""
+        if self._whole is None:
+            # DCP's loader of a checkpoint into an empty dict (as dcp_to_torch_save does): not sharded, no group.
+            from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+            from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+            whole: dict = {}
+            _load_state_dict(whole, storage_reader=self.folder.dcp_reader(), planner=_EmptyStateDictLoadPlanner(),
+                             no_dist=True)
+            self._whole = whole
+        return self._whole
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors by name, whole, bitwise as saved."""
+        return self.read()["model"]
+
+    @property
+    def optimizer_state(self) -> dict:
+        """The optimizer state as saved (keyed by parameter names), whole."""
+        return self.read()["optimizer"]
+
+
+class PendingSave:
+    """A save in progress: with ``train.async_checkpoint`` its tensors are still uploading. Rank 0 commits it (the
+    small objects, the marker, the pointer) in the upload's own thread as soon as DCP's metadata is written, so the
+    training loop only learns the outcome in :meth:`finish`."""
+
+    def __init__(self, manager: CheckpointManager, name: str, future, small: dict[str, bytes] | None, rank: int,
+                 world: int, all_ok: Callable[[bool], bool]):
+        self.manager, self.name, self.future, self.small = manager, name, future, small
+        self.rank, self.world, self.all_ok = rank, world, all_ok
+        self._error: BaseException | None = None
+        self._committed = threading.Event()
+        if rank != 0:
+            self._committed.set()
+        elif future is not None:
+            future.add_done_callback(lambda _: self._commit())
+        else:
+            self._commit()
+
+    def _commit(self) -> None:
+        try:
+            if self.future is not None:
+                self.future.result()
+            self.manager._commit(self.name, self.small, self.world)
+        except BaseException as e:  # noqa: BLE001 - raised on every rank by finish()
+            self._error = e
+        finally:
+            self._committed.set()
+
+    def done(self) -> bool:
+        """Whether this rank's part is over (rank 0: committed or failed); never blocks."""
+        return self._committed.is_set() and (self.future is None or self.future.done())
+
+    def finish(self) -> str:
+        """Wait for this rank's part, then raise on every rank if any rank's failed; returns the folder name."""
+        self._committed.wait()
+        error = self._error
+        if error is None and self.future is not None:
+            try:
+                self.future.result()
+            except BaseException as e:  # noqa: BLE001 - as above
+                error = e
+        if not self.all_ok(error is None):
+            if error is None:
+                raise OSError(f"another rank failed to save {self.manager.storage.uri(f'{CHECKPOINTS}/{self.name}')}"
+                              f"; not committed")
+            if isinstance(error, CheckpointException):
+                raise _save_failed(self.manager, self.name, error) from error
+            raise error
+        return self.name
 
 
 class CheckpointManager:
@@ -100,31 +245,34 @@ class CheckpointManager:
     ``save`` is collective over the ranks of one job: no other job may write under ``checkpoints/`` at the same time.
     """
 
-    def __init__(self, storage: Storage, keep: int = 3):
+    def __init__(self, storage: Storage, keep: int = 3, write_threads: int = WRITE_THREADS):
         if keep < 1:
             raise ValueError(f"checkpoint keep={keep} is invalid; expected at least 1 (the checkpoint just saved)")
-        self.storage, self.keep = storage, keep
-        self.last_tensor_bytes = 0  # tensor bytes of the last checkpoint saved, over all ranks' parts
+        self.storage, self.keep, self.write_threads = storage, keep, write_threads
+        self.last_tensor_bytes = 0  # tensor bytes this rank held in the last save (its shards, or its replicas)
+        self.started = 0.0
+        self._staging = None  # see _stager()
 
-    def save(
-        self,
-        step: int,
-        weights: dict[str, torch.Tensor],
-        optimizer_state: dict,
-        state: dict,
-        config_yaml: str,
-        rank: int = 0,
-        world: int = 1,
-        all_ok: Callable[[bool], bool] = alone,
-    ) -> str:
+    def save(self, step: int, tensors: dict, state: dict, config_yaml: str, *, rank: int = 0, world: int = 1,
+             all_ok: Callable[[bool], bool] = alone, process_group=None) -> str:
         """Write a checkpoint of ``step``, point ``latest`` at it, drop old ones; returns the folder name.
 
-        Every rank calls this with the same state; rank ``rank`` of ``world`` uploads its share of the tensors, rank
-        0 also the small objects, the marker and the pointer. ``all_ok(ok)`` must return True on every rank iff
-        ``ok`` was True on every rank (an all-reduce); it also orders the steps. The RNG states are captured here,
-        at the call (rank 0's). A step that is already committed is never overwritten (the run is deterministic, so
-        it holds this same state): only ``latest`` is pointed at it again.
+        Every rank calls this with its ``tensors`` (:func:`training_state`); each writes what it owns, rank 0 also
+        the small objects, the marker and the pointer. ``all_ok(ok)`` must return True on every rank iff ``ok`` was
+        True on every rank (an all-reduce); DCP's own collectives run on ``process_group``. The RNG states are
+        captured here, at the call (rank 0's). A step that is already committed is never overwritten (the run is
+        deterministic, so it holds this same state): only ``latest`` is pointed at it again.
         """
+        return self._start(step, tensors, state, config_yaml, rank, world, all_ok, process_group, False).finish()
+
+    def start_save(self, step: int, tensors: dict, state: dict, config_yaml: str, *, rank: int = 0, world: int = 1,
+                   all_ok: Callable[[bool], bool] = alone, process_group=None) -> PendingSave:
+        """``save`` that returns once this rank's tensors are copied to host memory (``dcp.async_save``); the
+        upload goes on in a thread and the checkpoint counts once :meth:`PendingSave.finish` committed it.
+        ``process_group`` must not be the one training's collectives use (they would interleave)."""
+        return self._start(step, tensors, state, config_yaml, rank, world, all_ok, process_group, True)
+
+    def _start(self, step, tensors, state, config_yaml, rank, world, all_ok, process_group, asynchronous):
         if "step" in state:
             raise ValueError("trainer state has a key 'step'; the checkpoint stores the step itself, pass it as step=")
         name = step_dirname(step)
@@ -132,47 +280,62 @@ class CheckpointManager:
         folder = self.storage.sub(folder_key)
         if folder.exists(COMMITTED):
             logger.info("checkpoint %s is already committed; not overwriting it", folder.uri())
-        else:
-            start = time.perf_counter()
-            tensors, skeleton = _split_tensors(weights, optimizer_state)
-            sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
-            self.last_tensor_bytes = sum(sizes.values())
-            share = _shares(sizes, world)[rank]
-            # Serialize before touching storage, so a bad value leaves no folder behind.
-            objects = {part_name(rank, world): safetensors.torch.save({k: tensors[k] for k in share})}
-            if rank == 0:
-                objects.update({
-                    OPTIMIZER: _torch_bytes(skeleton),
-                    RNG: _torch_bytes(rng_state()),
-                    STATE: json.dumps({"step": step, **state}, indent=1).encode(),
-                    CONFIG: config_yaml.encode(),
-                })
-                self.storage.delete_prefix(folder_key)  # leftovers of a killed attempt
-            all_ok(True)  # nobody uploads before the leftovers are gone
-            error = None
+            return PendingSave(self, name, None, None, rank, world, all_ok)
+        # Serialized now (the RNG states of this moment), written after the tensors, just before the marker.
+        small = {RNG: _torch_bytes(rng_state()), STATE: json.dumps({"step": step, **state}, indent=1).encode(),
+                 CONFIG: config_yaml.encode()} if rank == 0 else None
+        error = None
+        if rank == 0:
             try:
-                for key, data in objects.items():
-                    folder.write_bytes(key, data)
+                self.storage.delete_prefix(folder_key)  # leftovers of a killed attempt
             except Exception as e:  # noqa: BLE001 - reported to every rank below, then re-raised
                 error = e
-            if not all_ok(error is None):
-                if error is not None:
-                    raise error
-                raise OSError(f"another rank failed to upload its part of {folder.uri()}; not committing it")
-            if rank == 0:
-                parts = [part_name(r, world) for r in range(world)]
-                missing = [p for p in parts if not folder.exists(p)]
-                if missing:
-                    raise OSError(f"parts {missing} of {folder.uri()} are missing after upload; not committing it")
-                folder.write_bytes(COMMITTED, json.dumps({"step": step, "parts": parts}).encode())
-                if not folder.exists(COMMITTED):
-                    raise OSError(f"wrote {folder.uri(COMMITTED)} but it does not exist; not pointing {LATEST} at it")
-            size = sum(len(data) for data in objects.values())
-            logger.info("saved checkpoint %s (%.1f MB from this rank of %d) in %.1f s", folder.uri(), size / 1e6,
-                        world, time.perf_counter() - start)
-        if rank == 0:
-            self._collect_garbage(latest=self._point_latest(name))
-        return name
+        if not all_ok(error is None):  # nobody writes before the leftovers are gone
+            if error is not None:
+                raise error
+            raise OSError(f"rank 0 failed to clear {folder.uri()}; not saving it")
+        self.last_tensor_bytes = _local_bytes(tensors)
+        self.started = time.perf_counter()
+        try:
+            if asynchronous:
+                result = dcp.async_save(tensors, storage_writer=folder.dcp_writer(self.write_threads),
+                                        process_group=process_group, no_dist=_no_dist(), async_stager=self._stager())
+            else:
+                result = dcp.save(tensors, storage_writer=folder.dcp_writer(self.write_threads),
+                                  process_group=process_group, no_dist=_no_dist())
+        except CheckpointException as e:  # every rank gets it: DCP gathers the ranks' write results
+            raise _save_failed(self, name, e) from e
+        future = getattr(result, "upload_completion", result) if asynchronous else None
+        return PendingSave(self, name, future, small, rank, world, all_ok)
+
+    def _stager(self):
+        """The host copy async saves upload from, kept between saves: later saves only copy into it (no
+        allocation, no page faults), which is most of the time a step is blocked. Costs this rank's share of the
+        state in host memory for the run's lifetime."""
+        if self._staging is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            gpu = torch.cuda.is_available()  # pinned host memory speeds copies from a GPU; it needs one
+            self._staging = DefaultStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False,
+                                                         use_async_staging=False, use_non_blocking_copy=False))
+        return self._staging
+
+    def _commit(self, name: str, small: dict[str, bytes] | None, world: int) -> None:
+        """Rank 0, after every rank's tensors and DCP's metadata are stored: the small objects, the marker, then the
+        pointer. ``small`` is None for a step that was committed already (only the pointer moves)."""
+        folder = self.storage.sub(f"{CHECKPOINTS}/{name}")
+        if small is not None:
+            for key, data in small.items():
+                folder.write_bytes(key, data)
+            files = folder.list()
+            if METADATA not in files:
+                raise OSError(f"{folder.uri(METADATA)} is missing after the save; not committing it")
+            folder.write_bytes(COMMITTED, json.dumps({"step": _step_of(name), "world": world, "files": files}).encode())
+            if not folder.exists(COMMITTED):
+                raise OSError(f"wrote {folder.uri(COMMITTED)} but it does not exist; not pointing {LATEST} at it")
+            logger.info("saved checkpoint %s (%d files from %d ranks) in %.1f s", folder.uri(), len(files), world,
+                        time.perf_counter() - self.started)
+        self._collect_garbage(latest=self._point_latest(name))
 
     def _point_latest(self, name: str) -> str:
         """Move ``latest`` to ``name`` by compare-and-swap, unless it already names a newer committed step; returns
@@ -192,9 +355,60 @@ class CheckpointManager:
         raise OSError(f"could not update {self.storage.uri(LATEST)}: another writer keeps changing it")
 
     def load_latest(self) -> Checkpoint | None:
-        """The checkpoint to resume from, or ``None`` when the run has no committed checkpoint."""
-        name = self._latest()
-        return None if name is None else _read(self.storage.sub(f"{CHECKPOINTS}/{name}"), name)
+        """The checkpoint ``latest`` leads to (its small state; tensors on demand), or ``None`` when the run has no
+        committed checkpoint. Resume uses :meth:`resume`, which also falls back past checkpoints that do not load."""
+        names = self._candidates()
+        return _read(self.storage.sub(f"{CHECKPOINTS}/{names[0]}"), names[0]) if names else None
+
+    def resume(self, load: Callable[[Checkpoint], None], rank: int = 0, all_ok: Callable[[bool], bool] = alone,
+               move_aside: bool = True) -> Checkpoint | None:
+        """The newest committed checkpoint that loads, after ``load(checkpoint)`` loaded it; ``None`` when there is
+        no committed checkpoint. Collective: every rank calls it and all agree on the checkpoint.
+
+        A checkpoint that fails to load for any reason (a truncated shard, an unreadable marker or metadata, an
+        optimizer state that does not fit) is reported in one line and skipped; with ``move_aside`` rank 0 moves
+        it to ``checkpoints/unloadable/`` (a later save of that step needs the name; nothing is deleted). An
+        ``InputError`` from ``load`` (the config does not match the run) is not a broken checkpoint: it propagates.
+        """
+        names, skipped = self._candidates(), []
+        for name in names:
+            folder = self.storage.sub(f"{CHECKPOINTS}/{name}")
+            why, checkpoint = None, None
+            try:
+                checkpoint = _read(folder, name)
+            except LOAD_ERRORS as e:  # any failure to read means the checkpoint is damaged
+                why = one_line(e)
+            if all_ok(why is None):
+                try:
+                    load(checkpoint)
+                except InputError:
+                    raise
+                except LOAD_ERRORS as e:  # as above
+                    why = one_line(e)
+                if all_ok(why is None):
+                    if skipped:
+                        logger.warning("resuming from %s: the newest committed checkpoint that loads (skipped %s)",
+                                       folder.uri(), ", ".join(skipped))
+                    return checkpoint
+            why = why or "another rank could not load it"
+            logger.error("checkpoint %s does not load (%s); trying the one before it", folder.uri(), why)
+            skipped.append(name)
+            if move_aside and rank == 0:
+                self._move_aside(name, why)
+            all_ok(True)  # nobody looks at the next one while rank 0 moves this one
+        if skipped:
+            raise InputError(f"none of the committed checkpoints in {self.storage.uri(CHECKPOINTS)} loads (skipped "
+                             f"{', '.join(skipped)}; see the lines above); fix them, or use a new run.dir")
+        return None
+
+    def _move_aside(self, name: str, why: str) -> None:
+        target = f"{UNLOADABLE}/{name}"
+        if self.storage.list(target):  # an earlier broken copy of this step is there already
+            target = f"{UNLOADABLE}/{name}-{int(time.time())}"
+        self.storage.move_prefix(f"{CHECKPOINTS}/{name}", target)
+        self.storage.write_bytes(f"{target}/{REASON}", f"{why}\n".encode())
+        logger.warning("moved %s to %s (kept for inspection; move it back to retry it)",
+                       self.storage.uri(f"{CHECKPOINTS}/{name}"), self.storage.uri(target))
 
     def committed(self) -> list[str]:
         """Names of the committed step folders, oldest first."""
@@ -205,20 +419,22 @@ class CheckpointManager:
         names = [name for name in self.storage.list_dirs(CHECKPOINTS) if _STEP_DIR.match(name)]
         return sorted(names, key=_step_of)
 
-    def _latest(self) -> str | None:
-        """The folder ``latest`` names if it is committed, else the newest committed folder, else ``None``."""
+    def _candidates(self) -> list[str]:
+        """Committed folders to resume from, best first: the one ``latest`` names (else the newest), then the older
+        ones, newest first."""
         try:
             name = self.storage.read_bytes(LATEST).decode().strip()
         except FileNotFoundError:
             name = None
-        if name is not None and _STEP_DIR.match(name) and self.storage.exists(f"{CHECKPOINTS}/{name}/{COMMITTED}"):
-            return name
         committed = self.committed()
-        if name is not None:
+        if name is not None and name not in committed:
             fallback = committed[-1] if committed else "nothing"
             logger.warning("%s names %r, not a committed checkpoint; using %s", self.storage.uri(LATEST), name,
                            fallback)
-        return committed[-1] if committed else None
+            name = None
+        if name is None:
+            return committed[::-1]
+        return [name] + [n for n in committed[::-1] if _step_of(n) < _step_of(name)]
 
     def _collect_garbage(self, latest: str) -> None:
         """Delete uncommitted folders and committed ones beyond the newest ``keep``, never ``latest``."""
@@ -235,24 +451,44 @@ class CheckpointManager:
             self.storage.delete_prefix(key)
 
 
+def _save_failed(manager: CheckpointManager, name: str, e: CheckpointException) -> OSError:
+    """DCP's error of a save (a BaseException gathering every rank's failure), as one line every rank raises."""
+    return OSError(f"saving checkpoint {manager.storage.uri(f'{CHECKPOINTS}/{name}')} failed ({one_line(e)}); "
+                   f"not committing it")
+
+
 def _step_of(name: str) -> int:
     return int(_STEP_DIR.match(name).group(1))
 
 
-def load_checkpoint(uri: str, endpoint_url: str | None = None) -> Checkpoint:
-    """Read the checkpoint at ``uri``: a run directory (its latest committed checkpoint) or one step folder.
+def load_checkpoint(uri: str, endpoint_url: str | None = None,
+                    load: Callable[[Checkpoint], None] | None = None) -> Checkpoint:
+    """The checkpoint at ``uri``: a run directory (its latest committed checkpoint) or one step folder.
 
-    Raises ``InputError`` naming the URI and what is there when it holds no committed checkpoint.
+    With ``load(checkpoint)`` (which reads what the caller needs, e.g. the weights into a model), a run directory
+    gives the newest committed checkpoint that loads, skipping (and reporting) those that do not, as a resume does;
+    nothing is moved. Raises ``InputError`` naming the URI and what is there when it holds no committed checkpoint,
+    or when the one step folder named does not load.
     """
     storage = open_storage(uri, endpoint_url)
     if storage.exists(COMMITTED):
-        return _read(storage, posixpath.basename(storage.uri()))
-    if storage.exists(STATE) or any(key.startswith("tensors-") for key in storage.list()):
+        checkpoint = _read(storage, posixpath.basename(storage.uri()))
+        if load is not None:
+            try:
+                load(checkpoint)
+            except InputError:
+                raise
+            except LOAD_ERRORS as e:  # any failure to read means the checkpoint is damaged
+                raise InputError(f"checkpoint {storage.uri()} does not load ({one_line(e)}); pass the run directory "
+                                 f"or the checkpoint folder before it") from None
+        return checkpoint
+    if storage.exists(STATE) or storage.exists(METADATA) or \
+            any(k.endswith(".distcp") and "/" not in k for k in storage.list()):
         raise InputError(f"{storage.uri()} is an incomplete checkpoint: it has no {COMMITTED} marker (its save was "
                          f"interrupted); holds {_describe(storage)}")
     manager = CheckpointManager(storage)
     if storage.list_dirs(CHECKPOINTS) or storage.exists(LATEST):
-        checkpoint = manager.load_latest()
+        checkpoint = manager.load_latest() if load is None else manager.resume(load, move_aside=False)
         if checkpoint is None:
             raise InputError(f"run directory {storage.uri()} has no committed checkpoint; {CHECKPOINTS}/ holds "
                              f"{_describe(storage.sub(CHECKPOINTS))}")
@@ -270,74 +506,36 @@ def _describe(storage: Storage, limit: int = 5) -> str:
 
 
 def _read(folder: Storage, name: str) -> Checkpoint:
-    """Read one committed step folder (its parts in parallel)."""
-    start = time.perf_counter()
-    parts = json.loads(folder.read_bytes(COMMITTED) or b"{}").get("parts")
-    if not parts:
-        raise InputError(f"{folder.uri(COMMITTED)} names no tensor parts: not a checkpoint this version can read")
-    with ThreadPoolExecutor(max(1, min(8, len(parts)))) as pool:
-        blobs = list(pool.map(folder.read_bytes, parts))
-    tensors = {}
-    for part, blob in zip(parts, blobs):
-        try:
-            tensors.update(safetensors.torch.load(blob))
-        except Exception as e:  # noqa: BLE001 - any decoding failure means the object is damaged
-            raise InputError(f"checkpoint part {folder.uri(part)} is corrupt ({e}); delete the folder "
-                             f"{folder.uri()} to resume from the checkpoint before it") from None
+    """The small state of one committed step folder; any damage raises (a clear InputError where we can tell)."""
+    try:
+        marker = json.loads(folder.read_bytes(COMMITTED))
+        files = marker["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{folder.uri(COMMITTED)} is unreadable ({one_line(e)}): not a marker this version "
+                         f"wrote") from None
+    if METADATA not in files:
+        raise InputError(f"{folder.uri(COMMITTED)} names no {METADATA}: not a checkpoint this version can read")
     state = json.loads(folder.read_bytes(STATE))
-    skeleton = torch.load(io.BytesIO(folder.read_bytes(OPTIMIZER)), map_location="cpu", weights_only=True)
-    checkpoint = Checkpoint(
+    return Checkpoint(
         step=state.pop("step"),
-        weights={k[len("weights/"):]: v for k, v in tensors.items() if k.startswith("weights/")},
-        optimizer_state=_fill_tensors(skeleton, tensors),
         state=state,
         rng=torch.load(io.BytesIO(folder.read_bytes(RNG)), weights_only=True),
         config_yaml=folder.read_bytes(CONFIG).decode(),
         name=name,
         uri=folder.uri(),
+        folder=folder,
     )
-    logger.info("loaded checkpoint %s in %.1f s", folder.uri(), time.perf_counter() - start)
-    return checkpoint
 
 
-def _split_tensors(weights: dict[str, torch.Tensor], optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors of a checkpoint by name ("weights/<name>", "optimizer/<path>"), on CPU, and the optimizer
-    state with its tensors replaced by references (small: torch.save'd by rank 0)."""
-    tensors = {f"weights/{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
-
-    def strip(obj, path: str):
-        if isinstance(obj, torch.Tensor):
-            tensors[path] = obj.detach().cpu().contiguous()
-            return _TENSOR_REF + path
-        if isinstance(obj, dict):
-            return {k: strip(v, f"{path}/{k}") for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(strip(v, f"{path}/{i}") for i, v in enumerate(obj))
-        return obj
-
-    return tensors, strip(optimizer_state, "optimizer")
-
-
-def _fill_tensors(obj, tensors: dict[str, torch.Tensor]):
-    """Inverse of the stripping in `_split_tensors`."""
-    if isinstance(obj, str) and obj.startswith(_TENSOR_REF):
-        return tensors[obj[len(_TENSOR_REF):]]
+def _local_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        local = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor: this rank's shard
+        return local.numel() * local.element_size()
     if isinstance(obj, dict):
-        return {k: _fill_tensors(v, tensors) for k, v in obj.items()}
+        return sum(_local_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_fill_tensors(v, tensors) for v in obj)
-    return obj
-
-
-def _shares(sizes: dict[str, int], world: int) -> list[list[str]]:
-    """Tensor names split into `world` shares of about equal bytes (largest first onto the lightest share). A pure
-    function of names and sizes, so every rank computes the same split without talking to the others."""
-    shares, loads = [[] for _ in range(world)], [0] * world
-    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
-        lightest = loads.index(min(loads))
-        shares[lightest].append(key)
-        loads[lightest] += sizes[key]
-    return shares
+        return sum(_local_bytes(v) for v in obj)
+    return 0
 
 
 def _torch_bytes(obj: object) -> bytes:

@@ -65,15 +65,10 @@ def init(timeout_s: float = 300.0) -> Dist:
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum tensors across ranks in place, as one flat buffer (one collective instead of one per tensor)."""
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
+    """Sum small tensors (metrics) across ranks in place, one collective each. Gradients never come here: DDP or
+    FSDP reduce them (lens.train.parallel)."""
     for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def all_true(flag: bool) -> bool:

@@ -19,18 +19,19 @@ from lens.config import LensConfig
 from lens.data.batches import ActivationData
 from lens.data.source import SampleCursor, split_for_rank
 from lens.errors import InputError
-from lens.evaluate import evaluate
+from lens.evaluate import evaluate, explain_samples, explained_rows
 from lens.models.hub import DTYPES, load_model
 from lens.models.lens_model import LensModel, activation_scale
 from lens.models.orig import Orig
-from lens.objective import Knobs, lens_losses
+from lens.objective import Knobs
 from lens.schedules import lr_at, schedule_value
 from lens.storage import open_storage
 from lens.tracking import NullTracker, make_tracker, run_files_dir
 from lens.train import dist
-from lens.train.checkpoint import CheckpointManager, set_rng_state
+from lens.train.checkpoint import CheckpointManager, PendingSave, apply_training_state, set_rng_state, training_state
 from lens.train.optim import build_optimizer, set_lr
-from lens.train.preemption import EXIT_CODE, Preempted, PreemptionNotice
+from lens.train.parallel import Parallel
+from lens.train.preemption import Preempted, PreemptionNotice
 
 log = logging.getLogger("lens.train")
 
@@ -86,6 +87,8 @@ class Trainer:
         if self.dist.world > cfg.train.batch_size:
             raise InputError(f"config error: train.batch_size={cfg.train.batch_size} is invalid; expected at least "
                              f"the number of processes ({self.dist.world}), so every rank has samples")
+        run_storage = open_storage(cfg.run.dir, cfg.storage.endpoint_url)
+        run_storage.check(write=True)  # a missing bucket, bad credentials or a read-only folder fail now
         lm, self.tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
         lm.to(self.device)
         orig = Orig(lm)
@@ -98,41 +101,80 @@ class Trainer:
         # The scale of the first training activations sets the decoder projection's initial gain.
         probe = self.data.batch(torch.arange(min(64, self.data.n_train))).A
         self.model = LensModel(cfg, lm, self.tokenizer, act_scale=activation_scale(orig, probe)).to(self.device)
+        # Shards (fsdp) or wraps (ddp) the trainable part; the optimizer is built on what that leaves.
+        self.parallel = Parallel(cfg, self.model, self.dist.world, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.params = list(self.model.trainable_parameters().values())
         self.save_seconds: float | None = None
-        self.checkpoints = CheckpointManager(open_storage(cfg.run.dir, cfg.storage.endpoint_url),
-                                             keep=cfg.train.keep_checkpoints)
-        self.tracker = make_tracker(cfg.wandb.project, cfg.wandb.entity, cfg.run.name, cfg.wandb.mode,
-                                    lens_config.to_dict(cfg), dir=run_files_dir(cfg.run.dir)) \
-            if self.dist.is_main else NullTracker()
+        self.checkpoints = CheckpointManager(run_storage, keep=cfg.train.keep_checkpoints)
+        # An async upload runs its collectives from a thread: on a group of its own, never interleaved with
+        # training's. (new_group is collective: every rank creates it here.)
+        self.checkpoint_group = torch.distributed.new_group(backend="gloo") if cfg.train.async_checkpoint else None
+        self.pending_save: PendingSave | None = None
+        self.tracker = NullTracker()  # W&B starts in fit(), once the checkpoint has loaded: no files for a bad start
         self.eval_sets = self.data.eval_sets(cfg.train.eval_samples)
 
     # ------------------------------------------------------------------------------------------------ state
     def resume(self) -> None:
-        ckpt = self.checkpoints.load_latest()
+        """Load the newest committed checkpoint that loads: each rank reads only its own shards, whatever the
+        world size that saved it."""
+        tensors: dict = {}
+
+        def load(ckpt) -> None:
+            check_resumable(self.cfg, ckpt.config_yaml, ckpt.uri)
+            # Built only when there is a checkpoint: for a fresh optimizer DCP initialises the AdamW state with a
+            # zero-lr step, which a run that starts from scratch must not take.
+            if not tensors:
+                tensors.update(training_state(self.model, self.optimizer))
+            ckpt.load_into(tensors, self.checkpoint_group)
+            apply_training_state(self.model, self.optimizer, tensors)
+            self.cursor.load_state_dict(ckpt.state["cursor"])
+
+        ckpt = self.checkpoints.resume(load, rank=self.dist.rank, all_ok=dist.all_true)
         if ckpt is None:
             log.info("no checkpoint in %s: starting at step 0 with %d processes", self.cfg.run.dir, self.dist.world)
             return
-        check_resumable(self.cfg, ckpt.config_yaml, ckpt.uri)
-        self.model.load_trainable_state({k: v.to(self.device) for k, v in ckpt.weights.items()})
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
-        self.cursor.load_state_dict(ckpt.state["cursor"])
         set_rng_state(ckpt.rng)
         self.step = ckpt.step
         log.info("resumed from %s at step %d (next sample %d) with %d processes", ckpt.uri, self.step,
                  self.cursor.next, self.dist.world)
 
     def save(self) -> None:
-        """Checkpoint, collectively: each rank uploads its share; returns once the checkpoint is committed."""
-        start = time.perf_counter()
-        self.checkpoints.save(self.step, self.model.trainable_state(), self.optimizer.state_dict(),
-                              {"cursor": self.cursor.state_dict(), "wandb_run_id": self.cfg.run.name},
-                              lens_config.to_yaml(self.cfg), rank=self.dist.rank, world=self.dist.world,
-                              all_ok=dist.all_true)
-        self.save_seconds = dist.all_max(time.perf_counter() - start)  # the slowest rank's, the same on all
-        log.info("checkpoint step-%08d committed: %.1f MB in %.2f s by %d processes", self.step,
+        """Checkpoint, collectively: each rank writes the shards it owns. Returns once the checkpoint is committed,
+        or with train.async_checkpoint once this rank's shards are copied to host memory (then `poll_save` commits
+        it when the upload is done)."""
+        self.wait_for_save()  # one upload at a time
+        self.save_started = time.perf_counter()
+        pending = self.checkpoints.start_save if self.cfg.train.async_checkpoint else self.checkpoints.save
+        result = pending(self.step, training_state(self.model, self.optimizer),
+                         {"cursor": self.cursor.state_dict(), "wandb_run_id": self.cfg.run.name},
+                         lens_config.to_yaml(self.cfg), rank=self.dist.rank, world=self.dist.world,
+                         all_ok=dist.all_true, process_group=self.checkpoint_group)
+        if isinstance(result, PendingSave):
+            self.pending_save = result
+            log.info("checkpoint step-%08d: training goes on while it uploads (blocked %.2f s)", self.step,
+                     time.perf_counter() - self.save_started)
+        else:
+            self.committed(result)
+
+    def committed(self, name: str) -> None:
+        """A checkpoint is committed (every rank's shards, marker, pointer): the one place that says so."""
+        self.save_seconds = dist.all_max(time.perf_counter() - self.save_started)  # the slowest rank's, on all
+        log.info("checkpoint %s committed: %.1f MB on this rank in %.2f s by %d processes", name,
                  self.checkpoints.last_tensor_bytes / 1e6, self.save_seconds, self.dist.world)
+        self.tracker.event("checkpoint", step=int(name.rsplit("-", 1)[-1]), seconds=self.save_seconds,
+                           mb=self.checkpoints.last_tensor_bytes / 1e6, world=self.dist.world)
+
+    def poll_save(self) -> None:
+        """At a step boundary: commit an async upload once every rank's part is done (every rank agrees)."""
+        if self.pending_save is not None and dist.all_true(self.pending_save.done()):
+            self.wait_for_save()
+
+    def wait_for_save(self) -> None:
+        """Wait for an async upload in flight and commit it (its error, if any, is raised on every rank)."""
+        if self.pending_save is not None:
+            pending, self.pending_save = self.pending_save, None
+            self.committed(pending.finish())
 
     def save_estimate(self) -> float:
         """Seconds a checkpoint takes: the last one's, or before any, its bytes at a cautious upload speed."""
@@ -153,18 +195,29 @@ class Trainer:
         set_lr(self.optimizer, lr)
         knobs = self.knobs()
         mine = split_for_rank(self.cursor.take(cfg.batch_size), self.dist.rank, self.dist.world)
+        chunks = list(mine.split(cfg.micro_batch_size))
+        if self.parallel.sharded:
+            # Every rank runs as many forwards as the busiest one (FSDP gathers weights inside each): a rank with
+            # fewer samples repeats its last micro-batch with weight 0.
+            most = -(-cfg.batch_size // self.dist.world)  # split_for_rank gives no rank more
+            n = -(-most // cfg.micro_batch_size)
+            chunks += [chunks[-1]] * (n - len(chunks))
         self.optimizer.zero_grad(set_to_none=False)
-        for chunk in mine.split(cfg.micro_batch_size):
+        for i, chunk in enumerate(chunks):
             batch = self.data.batch(chunk)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                total, terms, A_hat = lens_losses(self.model, batch, knobs)
-            # Sum of per-sample losses over the global batch: any split over ranks gives the same gradient.
-            (total.sum() / cfg.batch_size).backward()
-            meter.add({"loss": total.detach(), **terms}, batch.A, A_hat, tokens=int((batch.positions + 1).sum()))
+            padding = i * cfg.micro_batch_size >= len(mine)
+            with self.parallel.accumulating(last=i == len(chunks) - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    total, terms, A_hat = self.parallel.losses(batch, knobs)
+                # Sum of per-sample losses over the global batch: any split over ranks gives the same gradient.
+                (total.sum() / cfg.batch_size * (0.0 if padding else 1.0)).backward()
+            self.parallel.resharded()
+            if not padding:
+                meter.add({"loss": total.detach(), **terms}, batch.A, A_hat,
+                          tokens=int((batch.positions + 1).sum()))
         # Parameters the objective never reaches (a trainable base's blocks past encoder.layer, its LM head) have no
         # gradient on any rank: the same graph runs everywhere, so skipping them keeps the ranks in step.
-        dist.all_reduce_sum([p.grad for p in self.params if p.grad is not None])
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip or float("inf"))
+        grad_norm = self.parallel.clip_grad_norm(self.params, self.cfg.optim.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {self.step}; not stepping the optimizer")
         self.optimizer.step()
@@ -196,41 +249,66 @@ class Trainer:
 
     def run_eval(self) -> dict:
         metrics = {}
-        if self.dist.is_main:
+        if self.dist.is_main or self.parallel.sharded:  # sharded weights: every rank takes part in the gathers
             held_out, fit = self.eval_sets
-            metrics = evaluate(self.model, held_out, fit, self.cfg.train.micro_batch_size)
-            log.info("eval step %d | variance recovered %.4f (token-only %.4f, mean %.4f) | nmse %.4f | kl %.4f "
-                     "(zero %.4f, mean %.4f, token-only %.4f)", self.step, metrics["variance_recovered"],
+            metrics = self.parallel.call(evaluate, self.model, held_out, fit, self.cfg.train.micro_batch_size)
+            log.info("eval step %d | fve_nrm %.4f (token-only %.4f, mean %.4f) | cosine %.4f | variance recovered "
+                     "%.4f (token-only %.4f, mean %.4f) | nmse %.4f | kl %.4f (zero %.4f, mean %.4f, token-only "
+                     "%.4f)", self.step, metrics["fve_nrm"], metrics["baseline_token/fve_nrm"],
+                     metrics["baseline_mean/fve_nrm"], metrics["cosine"], metrics["variance_recovered"],
                      metrics["baseline_token/variance_recovered"], metrics["baseline_mean/variance_recovered"],
                      metrics["nmse"], metrics["kl"], metrics["baseline_zero/kl"], metrics["baseline_mean/kl"],
                      metrics["baseline_token/kl"])
             self.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)
+            self.log_explanations(held_out)
         dist.barrier()
         return metrics
 
+    def log_explanations(self, held_out) -> None:
+        """A few fixed held-out positions explained: one line each, and a W&B table, so a reader sees them change."""
+        rows = explained_rows(len(held_out.positions), self.cfg.train.eval_explanations)
+        if not rows:
+            return
+        samples = self.parallel.call(explain_samples, self.model, held_out, rows, self.cfg.train.micro_batch_size)
+        for s in samples:
+            log.info("eval step %d sample %d | %r -> %r | nmse %.4f", self.step, s.sample, s.context,
+                     s.explanation, s.nmse)
+        self.tracker.table("eval/explanations", ["step", "sample", "context", "explanation", "nmse"],
+                           [[self.step, s.sample, s.context, s.explanation, s.nmse] for s in samples], self.step)
+
     def handle_preemption(self, seconds_left: float, saved: bool) -> None:
         """Save at this step boundary if a checkpoint fits in the time left (every rank decides alike)."""
+        self.wait_for_save()  # an upload in flight counts only once committed
         estimate = self.save_estimate()
+        self.tracker.event("preemption", step=self.step, seconds_left=seconds_left)
         if saved:
-            log.warning("preemption notice (%.0f s left): step %d is checkpointed; exiting %d", seconds_left,
-                        self.step, EXIT_CODE)
+            log.warning("preemption notice (%.0f s left): step %d is checkpointed; exiting", seconds_left,
+                        self.step)
         elif estimate < seconds_left:
-            log.warning("preemption notice (%.0f s left): saving step %d (about %.1f s), then exiting %d",
-                        seconds_left, self.step, estimate, EXIT_CODE)
+            log.warning("preemption notice (%.0f s left): saving step %d (about %.1f s), then exiting",
+                        seconds_left, self.step, estimate)
             self.save()
+            self.wait_for_save()
         else:
-            log.warning("preemption notice (%.0f s left): a checkpoint takes about %.0f s; exiting %d without one "
-                        "(the next start resumes from the last checkpoint)", seconds_left, estimate, EXIT_CODE)
+            log.warning("preemption notice (%.0f s left): a checkpoint takes about %.0f s; exiting without one "
+                        "(the next start resumes from the last checkpoint)", seconds_left, estimate)
 
     def fit(self) -> dict:
         cfg = self.cfg.train
         notice = PreemptionNotice()
         self.resume()
+        if self.dist.is_main:
+            self.tracker = make_tracker(self.cfg.wandb.project, self.cfg.wandb.entity, self.cfg.run.name,
+                                        self.cfg.wandb.mode, lens_config.to_dict(self.cfg),
+                                        dir=run_files_dir(self.cfg.run.dir),
+                                        remote=self.checkpoints.storage if "://" in self.cfg.run.dir else None)
+        self.tracker.event("start", step=self.step, world=self.dist.world)
         meter = Meter()
         progress = _Progress(cfg.max_steps) if self.dist.is_main and sys.stderr.isatty() else None
         metrics: dict = {}
         while self.step < cfg.max_steps:
             self.train_step(meter)
+            self.tracker.event("step", step=self.step)
             if progress:
                 progress.update(self.step)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
@@ -241,12 +319,15 @@ class Trainer:
             saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps
             if saved:
                 self.save()
+            else:
+                self.poll_save()
             seconds_left = notice.seconds_left() if self.step < cfg.max_steps else None
             if seconds_left is not None:
                 self.handle_preemption(seconds_left, saved)
                 notice.consume()
                 self.tracker.finish()
-                raise Preempted(f"preempted at step {self.step}")
+                raise Preempted(f"preempted at step {self.step}", notice.exit_code)
+        self.wait_for_save()
         metrics = self.run_eval()
         if self.dist.is_main:
             self.tracker.summary({f"eval/{k}": v for k, v in metrics.items()})

@@ -1,6 +1,7 @@
-"""Preemption notices (SIGTERM from a node drain or spot reclaim, or the flag file a `preStop` hook writes) only set
-a deadline; the training loop acts on it at the next step boundary, where every rank agrees on the time left and
-saves a checkpoint if one fits, then exits.
+"""Preemption notices (SIGTERM from a node drain or spot reclaim, Ctrl-C's SIGINT, or the flag file a `preStop`
+hook writes) only set a deadline; the training loop acts on it at the next step boundary, where every rank agrees on
+the time left and saves a checkpoint if one fits, then exits 128 + the signal (143; 130 for SIGINT). A second SIGINT
+aborts at once (KeyboardInterrupt): the newest committed checkpoint stays the resume point.
 
 Time budgets. torchrun forwards SIGTERM to its workers and SIGKILLs them 30 s later, so a notice by SIGTERM leaves
 `SIGTERM_BUDGET_S`. The chart's preStop hook writes the flag *before* the container gets SIGTERM and waits until the
@@ -25,7 +26,11 @@ SIGTERM_BUDGET_S = 25.0  # torchrun SIGKILLs workers 30 s after forwarding SIGTE
 
 
 class Preempted(Exception):
-    """Raised once the preemption is handled (checkpoint saved, or skipped as it did not fit); exit EXIT_CODE."""
+    """Raised once the preemption is handled (checkpoint saved, or skipped as it did not fit); exit `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_CODE):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PreemptionNotice:
@@ -35,12 +40,19 @@ class PreemptionNotice:
             flag_budget_s = float(os.environ.get("LENS_PREEMPT_GRACE_S") or SIGTERM_BUDGET_S)
         self.flag_budget_s = flag_budget_s
         self.deadline: float | None = None  # time.monotonic() by which a preemption checkpoint must be saved
+        self.exit_code = EXIT_CODE
         if self.flag_file:  # /dev/shm outlives a container restart inside the pod: a flag found now is stale
             self.consume()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
         # Nothing else here: the loop saves at a step boundary, never mid-step.
+        if signum == signal.SIGINT:
+            if self.exit_code == 128 + signal.SIGINT:  # the second Ctrl-C
+                raise KeyboardInterrupt
+            log.warning("SIGINT: saving at the next step boundary, then exiting (Ctrl-C again aborts at once)")
+        self.exit_code = 128 + signum
         self._set_deadline(time.monotonic() + SIGTERM_BUDGET_S)
 
     def _set_deadline(self, deadline: float) -> None:

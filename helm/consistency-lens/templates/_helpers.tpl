@@ -56,12 +56,35 @@ Cross-field checks the schema cannot express. Each names the bad key; one `fail`
 {{- if or (hasPrefix "PET_" $name) (hasPrefix "MASTER_" $name) (has $name (list "WORLD_SIZE" "RANK" "LOCAL_RANK" "NODE_RANK" "LOCAL_WORLD_SIZE" "GROUP_RANK" "TORCHELASTIC_RUN_ID")) -}}
 {{- $errors = append $errors (printf "extraEnv.%s: set by the training operator or torchrun, not by the chart" $name) -}}
 {{- end -}}
-{{- if or (has $name (list "WANDB_API_KEY" "HF_TOKEN" "HUGGING_FACE_HUB_TOKEN" "AWS_SESSION_TOKEN")) (and (hasPrefix "AWS_" $name) (contains "KEY" $name)) -}}
-{{- $errors = append $errors (printf "extraEnv.%s: a credential; reference a Secret with secrets.*.existingSecret instead" $name) -}}
+{{- $value := get $.Values.extraEnv $name -}}
+{{- if not (kindIs "map" $value) -}}
+{{- if include "consistency-lens.credentialName" $name -}}
+{{- $errors = append $errors (printf "extraEnv.%s: looks like a credential (*TOKEN*, *SECRET*, *PASSWORD*, *_KEY); keep it in a Secret: secrets.* (W&B, HF, AWS) or extraEnv.%s.valueFrom.secretKeyRef {name, key}" $name $name) -}}
+{{- else if include "consistency-lens.urlWithCredentials" $value -}}
+{{- $errors = append $errors (printf "extraEnv.%s: a URL with user:password@; keep credentials in a Secret (extraEnv.%s.valueFrom.secretKeyRef)" $name $name) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if include "consistency-lens.urlWithCredentials" .Values.storage.endpointUrl -}}
+{{- $errors = append $errors "storage.endpointUrl: a URL with user:password@; give S3 credentials with secrets.aws.existingSecret (or a ServiceAccount for IRSA)" -}}
 {{- end -}}
 {{- if $errors -}}
 {{- fail (printf "\nVALUES VALIDATION:\n%s" (join "\n" $errors)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when an env var name looks like a credential: its value belongs in a Secret. */}}
+{{- define "consistency-lens.credentialName" -}}
+{{- $n := upper . -}}
+{{- if or (contains "TOKEN" $n) (contains "SECRET" $n) (contains "PASSWORD" $n) (contains "PASSWD" $n) (hasSuffix "_KEY" $n) (and (hasPrefix "AWS_" $n) (contains "KEY" $n)) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when a value is a URL carrying user:password@ (it would be stored in the manifest and the ConfigMap). */}}
+{{- define "consistency-lens.urlWithCredentials" -}}
+{{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@" (toString .) -}}
+true
 {{- end -}}
 {{- end -}}
 
@@ -162,6 +185,9 @@ volumes:
       sizeLimit: {{ $v.shmSize }}
   - name: tmp
     emptyDir: {}
+  - name: cache
+    emptyDir:
+      sizeLimit: {{ $v.cacheSize }}
 {{- end -}}
 
 {{/*
@@ -191,6 +217,7 @@ env:
   - name: TORCH_DISABLE_SHARE_RDZV_TCP_STORE
     value: "1"
   {{- end }}
+  {{- include "consistency-lens.cacheEnv" . | trim | nindent 2 }}
   {{- with $v.storage.endpointUrl }}
   - name: AWS_ENDPOINT_URL
     value: {{ . | quote }}
@@ -227,8 +254,14 @@ env:
   {{- end }}
   {{- $extra := merge (default (dict) .env) $v.extraEnv }}
   {{- range $name := keys $extra | sortAlpha }}
+  {{- $value := get $extra $name }}
   - name: {{ $name }}
-    value: {{ get $extra $name | toString | quote }}
+    {{- if kindIs "map" $value }}
+    valueFrom:
+      {{- toYaml $value.valueFrom | nindent 6 }}
+    {{- else }}
+    value: {{ $value | toString | quote }}
+    {{- end }}
   {{- end }}
 volumeMounts:
   - name: config
@@ -238,6 +271,8 @@ volumeMounts:
     mountPath: /dev/shm
   - name: tmp
     mountPath: /tmp
+  - name: cache
+    mountPath: {{ include "consistency-lens.cacheDir" . }}
 {{- if .trainer }}
 {{- $flag := $v.preemption.preStopFlag }}
 lifecycle:
@@ -267,4 +302,32 @@ resources:
 {{/* Seconds the preStop hook waits for the trainer's preemption checkpoint (see consistency-lens.container). */}}
 {{- define "consistency-lens.preStopWait" -}}
 {{- sub .Values.preemption.terminationGracePeriodSeconds 35 -}}
+{{- end -}}
+
+{{/*
+Where every program in the pods writes its caches and scratch files: the `cache` emptyDir, so the image's root
+can stay read-only (securityContext.readOnlyRootFilesystem). LENS_SCRATCH holds metrics.jsonl, events.jsonl and the
+W&B run folder of a run whose run.dir is remote; the trainer uploads them to run.dir (lens/tracking.py).
+*/}}
+{{- define "consistency-lens.cacheDir" -}}
+/var/cache/lens
+{{- end -}}
+
+{{- define "consistency-lens.cacheEnv" -}}
+{{- $dir := include "consistency-lens.cacheDir" . -}}
+{{- $vars := dict
+  "HF_HOME" "huggingface"
+  "LENS_CACHE" "consistency-lens"
+  "LENS_SCRATCH" "run"
+  "TORCHINDUCTOR_CACHE_DIR" "torchinductor"
+  "TRITON_CACHE_DIR" "triton"
+  "WANDB_CACHE_DIR" "wandb/cache"
+  "WANDB_CONFIG_DIR" "wandb/config"
+  "WANDB_DATA_DIR" "wandb/data"
+  "WANDB_DIR" "wandb"
+  "XDG_CACHE_HOME" "xdg" -}}
+{{- range $name := keys $vars | sortAlpha }}
+- name: {{ $name }}
+  value: {{ printf "%s/%s" $dir (get $vars $name) | quote }}
+{{- end }}
 {{- end -}}

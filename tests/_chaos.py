@@ -1,17 +1,19 @@
 """Faults injected into a local run (`LocalRun`): the chaos test and `bench/recovery.py` share this harness.
 
-`ChaosRun` runs the rendered PyTorchJob's agents on this machine (restarted like pods by `WorkerGroup`), reads the
-trainer's log lines, and strikes: SIGKILL a worker, kill a whole node (agent and workers), preempt a node (preStop
-hook, then SIGTERM) or SIGKILL a worker while a checkpoint upload is in flight (held by `FaultProxy` between the
-trainers and the S3 server). For every fault it records the step the run had reached, the step it resumed from and
-the seconds until the next completed step. `S3Server` is a moto server on loopback, for runs that need one.
+`ChaosRun` runs the rendered PyTorchJob's agents on this machine (restarted like pods by `WorkerGroup`), follows the
+trainer's structured events (`events.jsonl`, written by rank 0 next to metrics.jsonl: `start`, `step`, `checkpoint`,
+`preemption`; never its log text), and strikes: SIGKILL a worker, kill a whole node (agent and workers), preempt a
+node (preStop hook, then SIGTERM) or SIGKILL a worker while a checkpoint upload is in flight (held by `FaultProxy`
+between the trainers and the S3 server). For every fault it records the step the run had reached, the step it
+resumed from and the seconds until the next completed step. `S3Server` is a moto server on loopback (moto is a
+test dependency: none of this ships in the package).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
-import re
 import select
 import signal
 import socket
@@ -20,17 +22,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lens.launch.local import LocalRun
-
-_STEP = re.compile(rb"\[worker-\d+\] .* step (\d+)/\d+ \|")
-_RESUMED = re.compile(rb"\[worker-\d+\] .* resumed from \S+ at step (\d+) .*with (\d+) processes")
-_FRESH = re.compile(rb"\[worker-\d+\] .* starting at step 0 with (\d+) processes")
-_NOTICE = re.compile(rb"\[worker-\d+\] .* preemption notice \((-?\d+) s left\)")
-_SAVED = re.compile(rb"\[worker-\d+\] .* checkpoint step-\d+ committed: ([\d.]+) MB in ([\d.]+) s by (\d+) processes")
-
 
 @dataclass
 class Fault:
@@ -50,27 +45,33 @@ class Fault:
 
 
 @dataclass
-class _Event:
-    t: float
-    kind: str  # "step", "resume", "saved", "notice" (a preemption notice; value: seconds left to save)
+class Event:
+    """One line of the trainer's events.jsonl."""
+
+    t: float  # wall-clock time the trainer wrote it
+    kind: str  # "start" (a (re)start: step, world), "step", "checkpoint" (committed), "preemption" (a notice)
     step: int = 0
     world: int = 0
-    value: tuple = ()
+    fields: dict = field(default_factory=dict)  # the rest: checkpoint mb/seconds, preemption seconds_left
 
 
 class ChaosRun:
-    """A local run of rendered manifests `docs` (no dump Job) whose faults are recorded in `faults`."""
+    """A local run of rendered manifests `docs` (no dump Job) whose faults are recorded in `faults`; `events` is the
+    trainer's events.jsonl (lines already in it when the run starts are not this run's)."""
 
-    def __init__(self, docs: list[dict], echo: bool = False, seed: int = 0):
+    def __init__(self, docs: list[dict], events: str | os.PathLike, echo: bool = False, seed: int = 0):
         self.docs, self.echo, self.rng = docs, echo, random.Random(seed)
-        self.events: list[_Event] = []
+        self.events_path = Path(events)
+        self.events: list[Event] = []
         self.cond = threading.Condition()
         self.faults: list[Fault] = []
         self.exit_code: int | None = None
 
     def __enter__(self) -> ChaosRun:
+        offset = self.events_path.stat().st_size if self.events_path.exists() else 0
         self.local = LocalRun(self.docs, sink=self._on_output).__enter__()
         self.group = self.local.workers()
+        threading.Thread(target=self._follow, args=(offset,), daemon=True).start()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
@@ -80,27 +81,34 @@ class ChaosRun:
 
     def _run(self) -> None:
         code = self.group.run()
+        time.sleep(0.5)  # the follower reads the last lines first
         with self.cond:
             self.exit_code = code
             self.cond.notify_all()
 
+    def _follow(self, offset: int, poll_s: float = 0.05) -> None:
+        """Tail events.jsonl: complete lines only (rank 0 appends one line per write)."""
+        buf = b""
+        while self.exit_code is None:
+            if self.events_path.exists():
+                with open(self.events_path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+                offset += len(data)
+                *lines, buf = (buf + data).split(b"\n")
+                parsed = [self._event(json.loads(line)) for line in lines if line.strip()]
+                if parsed:
+                    with self.cond:
+                        self.events += parsed
+                        self.cond.notify_all()
+            time.sleep(poll_s)
+
+    @staticmethod
+    def _event(record: dict) -> Event:
+        rest = {k: v for k, v in record.items() if k not in ("event", "time", "step", "world")}
+        return Event(record["time"], record["event"], record.get("step", 0), record.get("world", 0), rest)
+
     def _on_output(self, line: bytes) -> None:
-        now = time.monotonic()
-        event = None
-        if m := _STEP.search(line):
-            event = _Event(now, "step", step=int(m.group(1)))
-        elif m := _RESUMED.search(line):
-            event = _Event(now, "resume", step=int(m.group(1)), world=int(m.group(2)))
-        elif m := _FRESH.search(line):
-            event = _Event(now, "resume", step=0, world=int(m.group(1)))
-        elif m := _NOTICE.search(line):
-            event = _Event(now, "notice", value=(int(m.group(1)),))
-        elif m := _SAVED.search(line):
-            event = _Event(now, "saved", value=(float(m.group(1)), float(m.group(2)), int(m.group(3))))
-        with self.cond:
-            if event:
-                self.events.append(event)
-                self.cond.notify_all()
         if self.echo:
             sys.stdout.buffer.write(line)
             sys.stdout.flush()
@@ -129,7 +137,7 @@ class ChaosRun:
     def wait_step(self, step: int, timeout: float = 300) -> None:
         """Until a step >= `step` completed (since the last restart)."""
         def found():
-            last_resume = max((i for i, e in enumerate(self.events) if e.kind == "resume"), default=-1)
+            last_resume = max((i for i, e in enumerate(self.events) if e.kind == "start"), default=-1)
             return any(e.kind == "step" and e.step >= step for e in self.events[last_resume + 1:])
 
         self._wait(found, timeout, f"step {step}")
@@ -141,7 +149,7 @@ class ChaosRun:
     def wait_world(self, world: int, since: int, timeout: float = 300) -> None:
         """Until training resumed with `world` processes (after event `since`) and completed a step."""
         def found():
-            i = self._after(since, "resume", world)
+            i = self._after(since, "start", world)
             return i is not None and self._after(i + 1, "step") is not None
 
         self._wait(found, timeout, f"a step with {world} processes")
@@ -153,9 +161,9 @@ class ChaosRun:
         return self.exit_code
 
     def save_times(self) -> list[tuple[float, float, int]]:
-        """(MB of tensors, seconds, processes) of every committed checkpoint, from the trainer's log."""
+        """(MB of tensors, seconds, processes) of every committed checkpoint, from the trainer's events."""
         with self.cond:
-            return [e.value for e in self.events if e.kind == "saved"]
+            return [(e.fields["mb"], e.fields["seconds"], e.world) for e in self.events if e.kind == "checkpoint"]
 
     # ------------------------------------------------------------------------------------------------ faults
     def _strike(self, kind: str, act: Callable[[Callable[[], None]], None], timeout: float = 300) -> Fault:
@@ -165,12 +173,12 @@ class ChaosRun:
 
         def strike() -> None:
             with self.cond:
-                mark.update(t=time.monotonic(), index=len(self.events))
+                mark.update(t=time.time(), index=len(self.events))
 
         act(strike)
         if not mark:
             raise RuntimeError(f"fault {kind} never struck")
-        resumed = self._wait(lambda: self._after(mark["index"], "resume"), timeout, f"a restart after {kind}")
+        resumed = self._wait(lambda: self._after(mark["index"], "start"), timeout, f"a restart after {kind}")
         self._wait(lambda: self._after(resumed + 1, "step"), timeout, f"a step after the restart ({kind})")
         with self.cond:
             resume = self.events[resumed]
@@ -218,7 +226,7 @@ class ChaosRun:
     def kill_during_upload(self, proxy: FaultProxy, node: int | None = None, timeout: float = 300) -> Fault:
         """SIGKILL a worker while the next checkpoint's tensors are being uploaded (held by `proxy`)."""
         def act(strike):
-            held = proxy.hold_on(b"tensors-")
+            held = proxy.hold_on(b".distcp")  # a rank's checkpoint shard (lens/train/checkpoint.py)
             try:
                 if not held.wait(timeout):
                     raise TimeoutError(f"no checkpoint upload within {timeout:.0f} s")
