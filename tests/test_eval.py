@@ -124,3 +124,12 @@ def test_explained_positions_survive_a_resume_and_are_logged_one_line_each(tiny_
     for line, row in zip(step3, tables[3]):
         assert line == f"eval step 3 sample {row['sample']} | {row['context']!r} -> {row['explanation']!r} | " \
                        f"nmse {row['nmse']:.4f}"
+
+
+def test_a_frozen_base_checkpoint_holds_only_the_trainable_tensors(trained_run):
+    """The orig model, shared by a frozen decoder and encoder (two names for one module), is never saved."""
+    from lens.train.checkpoint import load_checkpoint
+
+    saved = set(load_checkpoint(str(trained_run)).weights)
+    assert saved and not [k for k in saved if k.startswith(("decoder.lm.", "encoder.lm."))], sorted(saved)[:8]
+    assert any("proj" in k for k in saved), sorted(saved)

@@ -10,15 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from lens.config import load_config
 from lens.errors import InputError
 from lens.launch import memory
 from lens.launch.cluster import (current_namespace, delete, install, logs, parse_manifests, render,
                                  require_valid, status)
 from lens.launch.schema import strict_schema_from_file
-from lens.launch.values import chart_values, merge_values, values_yaml
+from lens.launch.values import chart_values, merge_values, read_values_files, values_yaml
 
 __all__ = ["launch", "status", "logs", "delete", "current_namespace", "chart_values"]
 
@@ -27,13 +25,7 @@ CRD_ENV = "LENS_PYTORCHJOB_CRD"
 
 def _read_values(paths: list[str]) -> dict:
     merged: dict = {}
-    for path in paths:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise InputError(f"values file {path}: " + " ".join(str(e).split())) from None
-        if not isinstance(data, dict):
-            raise InputError(f"values file {path}: expected a mapping of chart values")
+    for data in read_values_files(paths, "chart values"):
         merged = merge_values(merged, data)
     return merged
 

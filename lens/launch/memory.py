@@ -208,7 +208,7 @@ def table(plans: list[Plan], model: str) -> str:
     return "\n".join([head, *rows])
 
 
-def advice(cfg: LensConfig, shapes: Shapes, chosen: Plan) -> str:
+def advice(cfg: LensConfig, shapes: Shapes, chosen: Plan, gpu_key: str = "workers.gpuMemory") -> str:
     """One line naming what to change when `chosen` does not fit."""
     total, gpu = chosen.total / GiB, chosen.gpu / GiB
     options = []
@@ -228,7 +228,7 @@ def advice(cfg: LensConfig, shapes: Shapes, chosen: Plan) -> str:
                        gpu_bytes=chosen.gpu)
         options.append(f"train.micro_batch_size={half} ({smaller.total / GiB:.1f} GiB)")
     return (f"memory plan: {chosen.mode} on {chosen.world} GPUs needs {total:.1f} GiB per GPU, more than "
-            f"{USABLE:.0%} of workers.gpuMemory={gpu:.0f} GiB; try " + ", or ".join(options))
+            f"{USABLE:.0%} of {gpu_key}={gpu:.0f} GiB; try " + ", or ".join(options))
 
 
 def _with_train(cfg: LensConfig, **changes) -> LensConfig:
@@ -237,7 +237,8 @@ def _with_train(cfg: LensConfig, **changes) -> LensConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
-def check(cfg: LensConfig, world: int, gpu_memory, gpus: bool = True) -> tuple[str, Plan]:
+def check(cfg: LensConfig, world: int, gpu_memory, gpus: bool = True,
+          gpu_key: str = "workers.gpuMemory") -> tuple[str, Plan]:
     """The table for `cfg` on `world` ranks (ddp and fsdp, the chosen mode marked) and the chosen plan; raises
     InputError (exit 2) with one line of advice when the chosen mode cannot fit."""
     from lens.train.parallel import resolve_mode
@@ -249,7 +250,7 @@ def check(cfg: LensConfig, world: int, gpu_memory, gpus: bool = True) -> tuple[s
     chosen = plans[0] if mode == "ddp" else plans[1]
     text = table(plans, cfg.model.name) + f"\nchosen: train.parallel={cfg.train.parallel} -> {mode}"
     if not chosen.fits:
-        raise InputError(text + "\n" + advice(cfg, shapes, chosen))
+        raise InputError(text + "\n" + advice(cfg, shapes, chosen, gpu_key))
     return text, chosen
 
 

@@ -25,10 +25,9 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
 from lens.config import LensConfig, to_yaml
 from lens.errors import InputError
+from lens.launch.values import read_values_files
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # where `import lens` resolves: a checkout or site-packages
 FLAG_MARGIN_S = 40  # the trainer's flag budget ends this long before the time limit ...
@@ -83,13 +82,7 @@ class SlurmValues:
 def read_values(paths: list[str]) -> SlurmValues:
     """Merge `-f` files (later files win) into SlurmValues; an unknown key names the valid ones."""
     merged: dict = {}
-    for path in paths:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise InputError(f"values file {path}: " + " ".join(str(e).split())) from None
-        if not isinstance(data, dict):
-            raise InputError(f"values file {path}: expected a mapping of Slurm values")
+    for data in read_values_files(paths, "Slurm values"):
         merged.update(data)
     valid = [f.name for f in fields(SlurmValues)]
     for key in merged:
@@ -190,7 +183,7 @@ def submit(cfg: LensConfig, values: SlurmValues, dry_run: bool) -> int:
 
     # The memory plan, as for Kubernetes: the table on stderr, exit 2 when gpu_memory is given and it cannot fit.
     table, _ = memory.check(cfg, values.nodes * values.procs_per_node, values.gpu_memory,
-                            gpus=values.gpus_per_node > 0)
+                            gpus=values.gpus_per_node > 0, gpu_key="gpu_memory")
     print(table, file=sys.stderr)
     folder = job_dir(cfg, values)
     config_path = str(folder / "config.yaml")

@@ -5,7 +5,12 @@ comes from the chart's defaults and the user's values files, passed here as `ove
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from lens.errors import InputError
 
 import yaml
 
@@ -57,3 +62,17 @@ _BlockDumper.add_representer(
 
 def values_yaml(values: dict) -> str:
     return yaml.dump(values, Dumper=_BlockDumper, sort_keys=False)
+
+
+def read_values_files(paths: list[str], what: str) -> list[dict]:
+    """The mappings in `-f` values files, in order; an unreadable or non-mapping file is bad input naming it."""
+    found = []
+    for path in paths:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise InputError(f"values file {path}: " + " ".join(str(e).split())) from None
+        if not isinstance(data, dict):
+            raise InputError(f"values file {path}: expected a mapping of {what}")
+        found.append(data)
+    return found

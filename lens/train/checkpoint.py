@@ -91,6 +91,13 @@ def _options(**kw):
     return StateDictOptions(ignore_frozen_params=True, **kw)
 
 
+def _without_frozen(model: torch.nn.Module, state: dict) -> dict:
+    """`ignore_frozen_params` drops a frozen parameter under its first name only: the orig model shared by the
+    decoder and the encoder would still be saved as `encoder.lm.*`. Drop every alias."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The tensors a checkpoint holds, as a DCP state dict: this rank's shards (FSDP2 DTensors) or its replicas
     (plain and DDP modules), keyed by parameter names whatever the wrapping. Views of the live tensors: nothing is
@@ -98,7 +105,7 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_options())
-    return {"model": model_state, "optimizer": optimizer_state}
+    return {"model": _without_frozen(model, model_state), "optimizer": optimizer_state}
 
 
 def apply_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
@@ -115,7 +122,7 @@ def model_state(model: torch.nn.Module) -> dict:
     """The model half of :func:`training_state` (for inference: no optimizer)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return {"model": get_model_state_dict(model, options=_options())}
+    return {"model": _without_frozen(model, get_model_state_dict(model, options=_options()))}
 
 
 def apply_model_state(model: torch.nn.Module, tensors: dict) -> None:
