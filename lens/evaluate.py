@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lens import losses
 from lens.models.lens_model import LensModel
@@ -18,9 +19,8 @@ def variance_recovered(A: torch.Tensor, A_hat: torch.Tensor) -> float:
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit norm; a zero row stays zero (the zero ablation has no direction)."""
-    x = x.double()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    """Rows scaled to unit norm in float64; a zero row stays zero (the zero ablation has no direction)."""
+    return F.normalize(x.double(), dim=-1)
 
 
 def fve_nrm(A: torch.Tensor, A_hat: torch.Tensor) -> float:
@@ -59,18 +59,16 @@ def lens_predictions(model: LensModel, batch: Batch, micro_batch_size: int,
 
 
 @torch.no_grad()
-def target_logits(model: LensModel, batch: Batch, size: int) -> list[torch.Tensor]:
-    return [model.orig.patched_logits(b.input_ids, model.layer, b.positions, None) for b in _chunks(batch, size)]
-
-
-@torch.no_grad()
-def functional_kl(model: LensModel, batch: Batch, targets: list[torch.Tensor], A_hat: torch.Tensor,
-                   size: int) -> torch.Tensor:
-    kls = []
-    for i, (b, target) in enumerate(zip(_chunks(batch, size), targets)):
-        patched = model.orig.patched_logits(b.input_ids, model.layer, b.positions, A_hat[i * size:(i + 1) * size])
-        kls.append(losses.kl(target, patched))
-    return torch.cat(kls)
+def functional_kls(model: LensModel, batch: Batch, predictions: dict[str, torch.Tensor],
+                   size: int) -> dict[str, torch.Tensor]:
+    """Per-sample functional KL (N,) of each prediction (N, d): per chunk one unpatched pass (its logits are the
+    target, its cache serves every patched pass), then one single-token patched pass per prediction."""
+    kls: dict[str, list[torch.Tensor]] = {name: [] for name in predictions}
+    for i, b in enumerate(_chunks(batch, size)):
+        run = model.orig.unpatched(b.input_ids, model.layer, b.positions)
+        for name, pred in predictions.items():
+            kls[name].append(losses.kl(run.target, model.orig.patched(run, pred[i * size:(i + 1) * size])))
+    return {name: torch.cat(parts) for name, parts in kls.items()}
 
 
 @torch.no_grad()
@@ -119,7 +117,7 @@ def evaluate(model: LensModel, held_out: Batch, fit: Batch, micro_batch_size: in
         "mean": fit.A.float().mean(0, keepdim=True).expand_as(A),
         "token": _apply(token_only_features(model, held_out, micro_batch_size), W),
     }
-    targets = target_logits(model, held_out, micro_batch_size)
+    kls = functional_kls(model, held_out, candidates, micro_batch_size)
     metrics = {}
     for name, pred in candidates.items():
         prefix = "" if name == "lens" else f"baseline_{name}/"
@@ -127,7 +125,7 @@ def evaluate(model: LensModel, held_out: Batch, fit: Batch, micro_batch_size: in
         metrics[f"{prefix}fve_nrm"] = fve_nrm(A, pred)
         metrics[f"{prefix}cosine"] = cosine(A, pred)
         metrics[f"{prefix}nmse"] = float(losses.normalized_mse(A, pred).mean())
-        metrics[f"{prefix}kl"] = float(functional_kl(model, held_out, targets, pred, micro_batch_size).mean())
+        metrics[f"{prefix}kl"] = float(kls[name].mean())
     return metrics
 
 

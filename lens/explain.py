@@ -33,7 +33,7 @@ from lens.data.corpus import first_real_token
 from lens.errors import InputError
 from lens.inference import LoadedLens
 from lens.models.lens_model import LensModel
-from lens.evaluate import functional_kl, lens_predictions, target_logits
+from lens.evaluate import functional_kls, lens_predictions
 from lens.objective import Batch
 
 
@@ -154,7 +154,7 @@ def explain(lens: LoadedLens, text: str, best_of: int = 1) -> TextExplanation:
     nmse = losses.normalized_mse(A, A_hat)
     scores = zip(positions.tolist(), expl_ids.tolist(), nmse.tolist(),
                  # Rounding can leave a near-zero KL a hair below 0; it is a divergence, so report it as >= 0.
-                 functional_kl(model, batch, target_logits(model, batch, size), A_hat, size).clamp_min(0).tolist(),
+                 functional_kls(model, batch, {"lens": A_hat}, size)["lens"].clamp_min(0).tolist(),
                  salience(model, A, embeds, batch.current_ids(), size).tolist(), member.tolist())
     records = [_record(tokenizer, int(ctx[p]), p, *rest, beyond=p >= cfg.data.seq_len) for p, *rest in scores]
     return TextExplanation(checkpoint=lens.checkpoint.uri, step=lens.checkpoint.step, model=cfg.model.name,

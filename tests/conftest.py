@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Language models read text 
         "A lens explains what a hidden activation holds. Paris is the capital of France. ") * 20
 FAMILIES = ("gpt2", "llama", "gemma2", "gemma3")
 D, LAYERS = 32, 4
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +141,28 @@ def trained_run(tmp_path_factory, tiny_files) -> Path:
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(root / "config.yaml")]) == 0
     return run_dir
+
+
+def helper_world(root: Path, cfg: dict, helper: str) -> dict:
+    """A run config and a helper script written under `root`, and the environment a subprocess runs them in."""
+    import yaml
+
+    config = root / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    (root / "helper.py").write_text(helper)
+    env = {**os.environ, "LENS_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return {"root": root, "config": config, "helper": root / "helper.py", "env": env}
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The command that starts `nproc` local workers (torchrun next to this Python, or its module)."""
+    exe = Path(sys.executable).parent / "torchrun"
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return launcher + ["--standalone", f"--nproc-per-node={nproc}"]
+
+
+def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of ||a - b|| / ||b||."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)

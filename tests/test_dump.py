@@ -458,7 +458,7 @@ def test_an_unknown_model_exits_2_and_writes_nothing(world):
 # ------------------------------------------------------------------------------------- training from the dump
 
 def train_cmd(world, run_dir: Path, steps: int, nproc: int, acts: str = "ref") -> list[str]:
-    from test_train import torchrun
+    from conftest import torchrun
 
     args = ["train", str(world["config"]), f"data.activations=s3://acts/{acts}", f"run.dir={run_dir}",
             f"train.max_steps={steps}", "train.batch_size=6", "train.micro_batch_size=2", "train.checkpoint_every=2",

@@ -11,16 +11,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import tiny_run_config
-from test_train import rel_diff, torchrun
+from conftest import REPO, helper_world, rel_diff, tiny_run_config, torchrun
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
 
 # Trains STEPS optimizer steps through the Trainer's own train_step (no checkpoint: that is issue 11b's code), then
@@ -59,13 +55,7 @@ def world(tmp_path_factory, tiny_files):
     cfg = tiny_run_config(tiny_files, "tiny-fsdp", root / "run",
                           decoder={"train_base": True}, encoder={"train_base": True},
                           train={"max_steps": STEPS, "batch_size": 5, "micro_batch_size": 2})
-    config = root / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    helper = root / "helper.py"
-    helper.write_text(HELPER)
-    env = {**os.environ, "LENS_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return {"root": root, "config": config, "helper": helper, "env": env}
+    return helper_world(root, cfg, HELPER)
 
 
 def trained(world, name: str, nproc: int, *overrides: str) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -34,9 +33,8 @@ import yaml
 from lens.storage import open_storage
 from lens.train.checkpoint import WRITE_THREADS, CheckpointManager, load_checkpoint
 
-from conftest import tiny_run_config
+from conftest import helper_world, rel_diff, tiny_run_config, torchrun
 
-REPO = Path(__file__).resolve().parents[1]
 N = 3  # optimizer steps per half
 BATCH = 6
 CKPT_FILES = {".metadata", "rng.pt", "state.json", "config.yaml", "COMMITTED"}  # + DCP's files of each rank
@@ -64,19 +62,7 @@ def world(tmp_path_factory, tiny_files):
     root = tmp_path_factory.mktemp("train")
     cfg = tiny_run_config(tiny_files, "tiny-lens", root / "unused",
                           train={"max_steps": 2 * N, "batch_size": BATCH, "checkpoint_every": N})
-    config = root / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    helper = root / "helper.py"
-    helper.write_text(HELPER)
-    env = {**os.environ, "LENS_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return {"root": root, "config": config, "helper": helper, "env": env}
-
-
-def torchrun(nproc: int) -> list[str]:
-    exe = Path(sys.executable).parent / "torchrun"
-    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    return launcher + ["--standalone", f"--nproc-per-node={nproc}"]
+    return helper_world(root, cfg, HELPER)
 
 
 def run(world, args: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -104,12 +90,6 @@ def train_lines(run_dir: Path) -> dict[int, dict]:
     by_step = {m["step"]: m for m in rows}
     assert len(by_step) == len(rows), f"a step was logged twice: {[m['step'] for m in rows]}"
     return by_step
-
-
-def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """max over tensors of ||a - b|| / ||b||."""
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
 
 
 def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -66,15 +66,5 @@ class LensModel(nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: every trainable tensor, fp32, detached."""
+        """Every trainable tensor, fp32, detached, by name (checkpoints hold these, through DCP)."""
         return {n: p.detach().float().contiguous() for n, p in self.trainable_parameters().items()}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters()
-        missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match this lens: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state[n])

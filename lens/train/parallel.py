@@ -136,12 +136,8 @@ class Parallel:
 
     @torch.no_grad()
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """The global gradient norm (over all shards), then scale gradients to at most `max_norm`."""
+        """The global gradient norm (over all shards), after scaling gradients to at most `max_norm`."""
         from torch.distributed.tensor import DTensor
 
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
