@@ -142,16 +142,14 @@ def check_output_file(path: str, flag: str) -> None:
 
 
 def write_output_file(path: str, flag: str, text: str) -> None:
-    """Write `text` to `path` atomically (a scratch file beside it, then a rename): a failed write leaves any
+    """Write `text` to `path` atomically (the local storage's fsynced write-then-rename): a failed write leaves any
     older file whole."""
+    from lens.storage import LocalStorage
+
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
+        LocalStorage(target.parent).write_bytes(target.name, text.encode())
     except OSError as e:
-        os.unlink(tmp)
         raise InputError(f"{flag} {path}: writing failed ({e.strerror}); free space or choose another path") \
             from None
 
@@ -192,10 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dump", help="capture activations into shards at data.activations; rerun to resume")
     p.add_argument("config", help="YAML config, e.g. conf/smollm2_135m.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.shard_size=512")
-    p.add_argument("--index", type=int, default=None,
-                   help="this worker's index (default: $JOB_COMPLETION_INDEX, else 0)")
-    p.add_argument("--count", type=int, default=None,
-                   help="number of workers (default: $JOB_COMPLETION_COUNT, else 1)")
+    # A Slurm step's tasks get their slot from srun; an Indexed Job's pods from the environment (worker_slot).
+    p.add_argument("--index", type=int, default=os.environ.get("SLURM_PROCID"),
+                   help="this worker's index (default: $SLURM_PROCID, else $JOB_COMPLETION_INDEX, else 0)")
+    p.add_argument("--count", type=int, default=os.environ.get("SLURM_NTASKS"),
+                   help="number of workers (default: $SLURM_NTASKS, else $JOB_COMPLETION_COUNT, else 1)")
     p.set_defaults(fn=_cmd_dump)
     p = sub.add_parser("torchrun", help="torchrun ARGS, keeping exit 2 for bad input (what a cluster pod runs)",
                        description="Run `torchrun ARGS` in this process: a `lens train|dump` config is validated "
@@ -237,17 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)  # a bad argument: argparse's usage line and exit 2
     _setup_logging()
-    from lens.train.preemption import Preempted
-
     try:
         return args.fn(args)
     except InputError as e:
         report_input_error(f"lens {args.command}: {e}")
         return EXIT_INPUT
-    except Preempted as e:
-        print(f"lens {args.command}: {e}", file=sys.stderr)
-        return e.exit_code
-    except RetryableError as e:
+    except RetryableError as e:  # also a preemption (lens.train.preemption.Preempted), with its 128 + signal
         print(f"lens {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: abort at once, the last checkpoint stays the resume point

@@ -30,7 +30,7 @@ class ConfigError(InputError):
 
 
 class RetryableError(Exception):
-    """A fault that may pass (a service unreachable after its retries): one line, exit `EXIT_RETRYABLE`, and the
-    cluster starts the pod again."""
+    """A fault that may pass (a service unreachable after its retries, a preemption): one line, exit `exit_code`
+    (`EXIT_RETRYABLE`, or a preemption's 128 + signal), and the cluster starts the pod again."""
 
     exit_code = EXIT_RETRYABLE

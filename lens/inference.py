@@ -48,12 +48,15 @@ def load_lens(uri: str, endpoint_url: str | None = None, device: torch.device | 
             cfg = from_dictconfig(yaml.safe_load(checkpoint.config_yaml))
         except (yaml.YAMLError, InputError) as e:  # a damaged config.yaml is a damaged checkpoint
             raise ValueError(f"its config.yaml is unreadable ({one_line(e)})") from None
-        lm, tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
-        model = LensModel(cfg, lm.to(device), tokenizer).to(device)
+        # Built once: the older checkpoints a fallback tries are of the same run, so they share its config (unless it
+        # was resumed with other settings). Every trainable tensor is refilled below, so a failed try leaves nothing.
+        if loaded.get("cfg") != cfg:
+            lm, tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
+            loaded.update(cfg=cfg, model=LensModel(cfg, lm.to(device), tokenizer).to(device))
+        model = loaded["model"]
         tensors = model_state(model)  # the weights only, no optimizer state
         checkpoint.load_into(tensors)
         apply_model_state(model, tensors)
-        loaded.update(cfg=cfg, model=model)
 
     checkpoint = load_checkpoint(uri, endpoint_url, load)
     cfg, model = loaded["cfg"], loaded["model"]

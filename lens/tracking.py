@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+
+log = logging.getLogger(__name__)
 
 
 class NullTracker:
@@ -72,14 +75,17 @@ class JsonlTracker(NullTracker):
     needed to read.
 
     With `remote` (the storage of a remote run.dir; `dir` is then local scratch), nothing is lost with the pod: a
-    fresh scratch starts from run.dir's copies, both files are uploaded there at every log interval, and the W&B
-    run folder (`dir/wandb`) at every checkpoint and at the end, so `wandb sync` works on it later."""
+    fresh scratch starts from run.dir's copies, and at every checkpoint commit and at the end (preemption included)
+    both files and the W&B run folder (`dir/wandb`, so `wandb sync` works on it later) are uploaded there, each file
+    only if it changed. Logs and other events (`step`, every step) only append locally: an upload per step or log
+    interval would resend the growing files each time, on rank 0's training path."""
 
     FILES = ("metrics.jsonl", "events.jsonl")
 
     def __init__(self, dir: str, inner: NullTracker, remote=None):
         os.makedirs(dir, exist_ok=True)
         self.dir, self.inner, self.remote = dir, inner, remote
+        self.uploaded: dict[str, tuple[int, int]] = {}  # key -> (size, mtime) of the local file last uploaded
         self.path, self.events_path = (os.path.join(dir, name) for name in self.FILES)
         if remote is not None:  # a restarted pod's empty scratch continues run.dir's records
             for name in self.FILES:
@@ -90,32 +96,37 @@ class JsonlTracker(NullTracker):
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.inner.log(metrics, step)
-        self.upload()
 
     def event(self, kind: str, **fields) -> None:
         with open(self.events_path, "a") as f:
             f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
         if kind == "checkpoint":
-            self.upload(wandb_folder=True)
+            self.upload()
 
-    def upload(self, wandb_folder: bool = False) -> None:
-        """Copy the records (and with `wandb_folder`, the W&B run files) to the remote run.dir."""
+    def upload(self) -> None:
+        """Copy the records and W&B run files changed since their last upload (size or mtime) to the remote run.dir.
+        A failure is one warning, not the end of the run: what did not go is retried at the next upload."""
         if self.remote is None:
             return
-        for name in self.FILES:
-            if os.path.exists(os.path.join(self.dir, name)):
-                self.remote.write_file(name, os.path.join(self.dir, name))
-        if wandb_folder:
-            root = os.path.join(self.dir, "wandb")
-            for folder, _, files in os.walk(root):  # symlinks (latest-run, debug.log) are W&B's shortcuts: skipped
-                for name in files:
-                    path = os.path.join(folder, name)
-                    if os.path.islink(path):
-                        continue
-                    try:
-                        self.remote.write_file("wandb/" + os.path.relpath(path, root).replace(os.sep, "/"), path)
-                    except FileNotFoundError:  # a temporary file W&B removed meanwhile
-                        pass
+        root = os.path.join(self.dir, "wandb")
+        paths = [os.path.join(self.dir, name) for name in self.FILES]
+        paths += [os.path.join(folder, name) for folder, _, files in os.walk(root) for name in files]
+        for path in paths:
+            if os.path.islink(path):  # latest-run, debug.log: W&B's shortcuts to files uploaded anyway
+                continue
+            key = os.path.relpath(path, self.dir).replace(os.sep, "/")
+            try:
+                stat = os.stat(path)
+                version = (stat.st_size, stat.st_mtime_ns)
+                if self.uploaded.get(key) != version:
+                    self.remote.write_file(key, path)
+                    self.uploaded[key] = version
+            except FileNotFoundError:  # not written yet, or a temporary file W&B removed meanwhile
+                pass
+            except Exception as e:  # S3 down or refusing: the records wait in scratch, training goes on
+                log.warning("uploading the run records to %s failed (%s: %s); retried at the next upload",
+                            self.remote.uri(), type(e).__name__, e)
+                return
 
     def summary(self, metrics: dict) -> None:
         self.inner.summary(metrics)
@@ -127,7 +138,7 @@ class JsonlTracker(NullTracker):
 
     def finish(self) -> None:
         self.inner.finish()
-        self.upload(wandb_folder=True)
+        self.upload()
 
 
 def run_files_dir(run_dir: str) -> str:

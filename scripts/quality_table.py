@@ -4,6 +4,7 @@ on a few fixed sentences (chosen here, before any output was seen).
 
     python scripts/quality_table.py                      # both objectives, 300 steps each (hours on a CPU)
     python scripts/quality_table.py --steps 100 --objectives straight_through train.batch_size=16
+    python scripts/quality_table.py --objectives straight_through,grpo train.batch_size=16
 
 Each objective trains into its own run dir (runs/quality-<objective>), resuming if it exists; the training logs
 (with the sample explanations of every evaluation) go to <run dir>/train.log.
@@ -53,12 +54,26 @@ def table(objective: str, rows: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def objectives(text: str) -> list[str]:
+    """`--objectives a,b`: one value, so that the positional overrides after it stay overrides."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in OBJECTIVES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {', '.join(OBJECTIVES)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    parser.add_argument("--objectives", type=objectives, default=list(OBJECTIVES),
+                        help="comma-separated, of " + ", ".join(OBJECTIVES) + " (default: both)")
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for both runs")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     for objective in args.objectives:
         run_dir = Path(f"runs/quality-{objective.replace('_', '-')}")
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,12 @@ import pytest
 import torch
 from torch import nn
 
-from lens.errors import InputError
+from lens.errors import InputError, RetryableError
 from lens.storage import LocalStorage, S3Storage, Storage, open_storage
 from lens.train.checkpoint import (
     WRITE_THREADS,
     CheckpointManager,
+    is_damage,
     apply_training_state,
     load_checkpoint,
     rng_state,
@@ -283,6 +284,17 @@ def test_async_save_commits_only_after_the_upload(tmp_path):
     assert manager.load_latest().weights["w"].equal(torch.arange(1_000_000.0))
 
 
+def test_async_save_time_is_stamped_when_the_upload_ends(tmp_path):
+    """The save's seconds (the preemption estimate) end at the commit, not when the training loop next looks."""
+    manager = CheckpointManager(open_storage(str(tmp_path / "run")))
+    pending = manager.start_save(1, {"model": {"w": torch.arange(1000.0)}}, {"cursor": 1}, "a: 1\n")
+    while not pending.done():
+        time.sleep(0.01)
+    time.sleep(1.0)  # training steps meanwhile
+    assert pending.finish() == "step-00000001" and pending.step == 1
+    assert 0 < pending.seconds < time.perf_counter() - pending.started - 0.9
+
+
 def test_rng_state_includes_cached_gaussians():
     """numpy and python both cache the second value of a Box-Muller pair; it is part of the state."""
     np.random.seed(1)
@@ -427,7 +439,8 @@ def _drop_optimizer_state(folder):
 
 DAMAGE = {  # how to spoil a committed checkpoint, and what the one line says of it
     "truncated-shard": (_truncate_a_shard, r"rank 0: (EOFError|UnpicklingError|RuntimeError)"),
-    "garbled-marker": (lambda f: (f / "COMMITTED").write_text("{not json"), r"InputError: .*COMMITTED is unreadable"),
+    "garbled-marker": (lambda f: (f / "COMMITTED").write_text("{not json"),
+                       r"DamagedCheckpoint: .*COMMITTED is unreadable"),
     "garbled-metadata": (lambda f: (f / ".metadata").write_bytes(b"\0garbage"), r"rank 0: .*metadata read failed"),
     "missing-rng": (lambda f: (f / "rng.pt").unlink(), r"FileNotFoundError: .*rng\.pt"),
     "bad-optimizer-state": (_drop_optimizer_state, r"rank 0: RuntimeError: Missing key .*optimizer\.state"),
@@ -484,6 +497,88 @@ def test_resume_refuses_when_no_checkpoint_loads(tmp_path):
                                          r"step-00000002, step-00000001;"):
         manager.resume(lambda checkpoint: None)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "unloadable")) == ["step-00000001", "step-00000002"]
+
+
+def test_damage_is_told_from_a_storage_fault():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    outage = EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    throttled = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject")
+    for fault in (outage, throttled, OSError(5, "Input/output error"), InputError("S3 bucket 'b' rejected the "
+                  "credentials"), CheckpointException("load", {0: _wrap_exception(EOFError()),
+                                                               1: _wrap_exception(outage)})):
+        assert not is_damage(fault), fault
+    for damage in (EOFError(), ValueError("bad json"), FileNotFoundError("no object at x/rng.pt"),
+                   RuntimeError("Missing key in checkpoint state_dict: optimizer.state.0"),
+                   CheckpointException("load", {0: _wrap_exception(EOFError())})):
+        assert is_damage(damage), damage
+
+
+@pytest.mark.parametrize("fault", ["outage", "credentials"])
+def test_a_storage_fault_during_resume_leaves_the_checkpoint_in_place(s3_bucket, s3_endpoint, monkeypatch, fault):
+    """S3 that stops serving a good checkpoint mid-read (after its retries) is no damage: nothing is moved aside,
+    and the error propagates, retryable for an outage and bad input for refused credentials."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    import lens.storage
+
+    storage = open_storage(f"s3://{s3_bucket}/run", endpoint_url=s3_endpoint)
+    manager = CheckpointManager(storage, keep=5)
+    for step in (1, 2):
+        _save(manager, step)
+    monkeypatch.setattr(lens.storage, "S3_BACKOFF", (0.01, 0.01))
+    get_object = storage.client.get_object
+
+    def failing(**kwargs):  # the server answers the listing and the marker, then stops
+        if kwargs["Key"].endswith("rng.pt"):
+            if fault == "outage":
+                raise EndpointConnectionError(endpoint_url=s3_endpoint)
+            raise ClientError({"Error": {"Code": "ExpiredToken"}, "ResponseMetadata": {"HTTPStatusCode": 400}},
+                              "GetObject")
+        return get_object(**kwargs)
+
+    monkeypatch.setattr(storage.client, "get_object", failing)
+    expected = (RetryableError, r"could not read checkpoint .*step-00000002 .*EndpointConnectionError.*not damaged") \
+        if fault == "outage" else (InputError, "expired token")
+    with pytest.raises(expected[0], match=expected[1]):
+        manager.resume(lambda checkpoint: None)
+    assert manager.committed() == ["step-00000001", "step-00000002"]
+    assert not storage.list("checkpoints/unloadable")
+    monkeypatch.setattr(storage.client, "get_object", get_object)  # the server is back: the next start resumes
+    assert manager.resume(lambda checkpoint: None).step == 2
+
+
+def test_a_shard_missing_on_s3_is_damage(s3_bucket, s3_endpoint):
+    """DCP's S3 reader reports a missing object like an outage; the storage layer tells it is missing."""
+    storage = open_storage(f"s3://{s3_bucket}/run", endpoint_url=s3_endpoint)
+    manager = CheckpointManager(storage, keep=5)
+    model, optimizer = _trained_adamw()
+    for step in (1, 2):
+        manager.save(step, training_state(model, optimizer), {"cursor": step}, "a: 1\n")
+    shard = max(k for k in storage.list("checkpoints/step-00000002") if k.endswith(".distcp"))
+    storage.delete(shard)
+    restored_model, restored = _trained_adamw(seed=1)
+    into = training_state(restored_model, restored)
+    assert manager.resume(lambda checkpoint: checkpoint.load_into(into)).step == 1
+    reason = storage.read_bytes("checkpoints/unloadable/step-00000002/REASON").decode()
+    assert reason.startswith("FileNotFoundError: no object at s3://"), reason
+
+
+def test_a_failed_move_aside_stops_the_resume(tmp_path, monkeypatch):
+    """Rank 0 failing to move a damaged checkpoint aside is raised (on every rank: they agree), not skipped over."""
+    storage = open_storage(str(tmp_path / "run"))
+    manager = CheckpointManager(storage, keep=5)
+    for step in (1, 2):
+        _save(manager, step)
+    (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMMITTED").write_text("garbled")
+
+    def refuse(prefix, to):
+        raise PermissionError(f"cannot move {prefix}")
+
+    monkeypatch.setattr(storage, "move_prefix", refuse)
+    with pytest.raises(PermissionError, match="cannot move checkpoints/step-00000002"):
+        manager.resume(lambda checkpoint: None)
 
 
 def test_a_config_mismatch_is_not_a_broken_checkpoint(tmp_path):

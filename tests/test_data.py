@@ -103,6 +103,23 @@ def test_txt_jsonl_and_directory_load(tmp_path):
     assert load_texts(str(folder)) == DOCS  # files in sorted path order
 
 
+def test_txt_documents_are_those_of_splitting_the_whole_text(tmp_path):
+    # The .txt reader streams lines; its documents must be those of re.split over the whole text (as when files
+    # were read whole), so existing token stores keep their bytes. Random texts of the characters that matter.
+    import random
+    import re
+
+    gen = random.Random(0)
+    for case in range(500):
+        text = "".join(gen.choice(["a", "b c", " ", "\t", "\n", "\n", "\r\n", "\f", "\u00e9"])
+                       for _ in range(gen.randint(0, 30)))
+        path = tmp_path / f"{case}.txt"
+        path.write_bytes(text.encode())
+        whole = path.read_text(encoding="utf-8")  # universal newlines, as the line reader sees them
+        want = [doc.strip() for doc in re.split(r"\n[ \t]*\n", whole) if doc.strip()]
+        assert load_texts(str(path)) == want, repr(text)
+
+
 def test_saved_datasets_load(tmp_path):
     import datasets
 

@@ -321,6 +321,10 @@ def test_every_manifest_field_that_differs_is_refused_naming_it(world, reference
         with pytest.raises(InputError, match=rf"{field} is .*\(.*{named}") as e:
             open_ref(world, tokenizer, {**expected, field: value})
         assert "\n" not in str(e.value)
+    # Another seq_len, max_sequences or val_fraction also changes the fingerprint: the setting is what is named.
+    for field, value, named in [e for e in MANIFEST_EDITS if e[0] in ("seq_len", "max_sequences", "val_fraction")]:
+        with pytest.raises(InputError, match=rf"{field} is .*\(.*{named}"):
+            open_ref(world, tokenizer, {**expected, field: value, "corpus_fingerprint": "0123"})
     with pytest.raises(InputError, match=r"model.layer is 0 but the dump has layers=\[1\]"):
         open_ref(world, tokenizer, expected, layer=0)
     with pytest.raises(InputError, match="has no A' pairs"):

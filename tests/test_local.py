@@ -181,3 +181,47 @@ def test_local_pods_use_this_machines_caches_not_the_cache_volume(world, tmp_pat
     pod = _Pod(spec, None, {}, tmp_path, "worker-0")
     assert not {"HF_HOME", "LENS_CACHE", "LENS_SCRATCH", "WANDB_DIR", "XDG_CACHE_HOME"} & set(pod.env)
     assert pod.env["LENS_PREEMPT_FLAG"].startswith(str(tmp_path))  # /dev/shm/... became this pod's folder
+
+
+def _dump_docs(command: list[str]) -> list[dict]:
+    """Rendered manifests reduced to what `run_local` reads: a PyTorchJob (its workers are faked) and a dump Job of
+    2 indexes running `command`."""
+    pod = {"containers": [{"name": "dump", "command": command}]}
+    return [{"kind": "PyTorchJob", "metadata": {"name": "fake"}, "spec": {}},
+            {"kind": "Job", "spec": {"completions": 2, "parallelism": 2, "backoffLimit": 6, "template": {"spec": pod}}}]
+
+
+class _FakeWorkers:
+    """Training that polls the dump Job's `failed` as `WorkerGroup.run` does, then exits `code` after `seconds`."""
+
+    def __init__(self, code: int, seconds: float):
+        self.code, self.seconds = code, seconds
+
+    def run(self, failed) -> int:
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            if code := failed():
+                return code
+            time.sleep(0.05)
+        return self.code
+
+
+def test_failed_training_stops_the_dump_pods_without_restarting_them(monkeypatch, capfd):
+    from lens.launch import local
+
+    runners = []
+    monkeypatch.setattr(local.LocalRun, "workers", lambda self: runners.append(self.runner) or _FakeWorkers(1, 1.0))
+    assert local.run_local(_dump_docs(["sleep", "60"])) == 1
+    time.sleep(0.5)  # more than a poll of the dump loop: a pod it restarted after the stop would show up now
+    procs = runners[0].procs
+    assert len(procs) == 2 and all(p.poll() is not None for p in procs)  # both stopped, neither started again
+    assert "retrying" not in capfd.readouterr().out
+
+
+def test_an_error_starting_a_dump_pod_reaches_the_caller(monkeypatch):
+    from lens.errors import InputError
+    from lens.launch import local
+
+    monkeypatch.setattr(local.LocalRun, "workers", lambda self: _FakeWorkers(0, 10.0))
+    with pytest.raises(InputError, match="no-such-dump-command not found on PATH"):
+        local.run_local(_dump_docs(["no-such-dump-command"]))

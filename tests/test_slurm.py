@@ -258,9 +258,11 @@ def test_dry_run_for_gemma2_on_2_nodes_of_8_gpus_passes_sbatch_test_only(workdir
     (["train.max_stepz=3"], "did you mean train.max_steps"),
     (["layer_l=3"], "model.layer"),  # a key of the research code, answered
     (["-f", "bad-values.yaml"], "gpus_per_nodes"),
+    (["-f", "bad-gpu.yaml"], "values.gpu_memory='eighty'"),  # the Slurm key, not the chart's
 ])
 def test_bad_input_submits_nothing(workdir, cluster, tiny_files, args, names):
     (workdir / "bad-values.yaml").write_text("gpus_per_nodes: 8\n")
+    (workdir / "bad-gpu.yaml").write_text("gpus_per_node: 1\ngpu_memory: eighty\n")
     config = write_config(workdir, tiny_files, "bad-input")
     proc = submit(str(config), *args)
     assert proc.returncode == 2, proc.stderr
@@ -401,3 +403,4 @@ def test_a_run_on_dumped_activations_dumps_first_then_trains(workdir, cluster, t
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0", (job, out)
     assert any(acts.rglob("*manifest*")) and steps_logged(workdir / "from-dump") == 2, out
     assert load_checkpoint(str(workdir / "from-dump")).step == 2
+

@@ -27,6 +27,48 @@ def test_disabled_tracker_still_writes_metrics_jsonl(tmp_path, monkeypatch):
     assert rows == [{"step": 3, "train/loss": 1.5}, {"step": 4, "train/loss": 1.25}]
 
 
+def test_a_remote_run_dir_is_uploaded_at_checkpoints_only_changed_files_and_survives_a_failure(tmp_path, caplog):
+    """Logs and `step` events only append to scratch; a checkpoint (and the end) uploads what changed since the
+    last upload; a failed upload is one warning, training goes on, and the next upload sends what was missed."""
+    from lens.storage import LocalStorage
+
+    class CountingStorage(LocalStorage):
+        def __init__(self, root):
+            super().__init__(root)
+            self.writes, self.down = [], False
+
+        def write_file(self, key, local_path):
+            if self.down:
+                raise OSError("S3 unreachable")
+            self.writes.append(key)
+            super().write_file(key, local_path)
+
+    remote = CountingStorage(tmp_path / "run")
+    tracker = JsonlTracker(str(tmp_path / "scratch"), NullTracker(), remote)
+    (tmp_path / "scratch" / "wandb" / "run-x").mkdir(parents=True)
+    (tmp_path / "scratch" / "wandb" / "run-x" / "run-x.wandb").write_bytes(b"w" * 10)
+    for step in (1, 2):
+        tracker.event("step", step=step)
+        tracker.log({"train/loss": 1.0 / step}, step=step)
+    assert remote.writes == []  # nothing uploaded per step or log interval
+    tracker.event("checkpoint", step=2)
+    assert sorted(remote.writes) == ["events.jsonl", "metrics.jsonl", "wandb/run-x/run-x.wandb"]
+    remote.writes.clear()
+    tracker.event("step", step=3)
+    tracker.event("checkpoint", step=3)
+    assert remote.writes == ["events.jsonl"]  # only the file that changed
+    remote.writes.clear()
+    remote.down = True
+    tracker.log({"train/loss": 0.25}, step=4)
+    with caplog.at_level("WARNING", logger="lens.tracking"):
+        tracker.event("checkpoint", step=4)  # no exception: training goes on
+    assert len(caplog.records) == 1 and "S3 unreachable" in caplog.records[0].message
+    remote.down = False
+    tracker.finish()
+    assert sorted(remote.writes) == ["events.jsonl", "metrics.jsonl"]  # what the failure missed, retried
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (tmp_path / "scratch" / "metrics.jsonl").read_text()
+
+
 @pytest.mark.slow
 def test_offline_wandb_run_uses_the_run_name_as_id_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

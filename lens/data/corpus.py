@@ -65,9 +65,9 @@ def iter_texts(corpus: str, text_field: str = "text") -> Iterator[str]:
     a `.jsonl` file (field `text_field` of each line), a directory of such files (sorted by path), a directory
     written by `datasets` `save_to_disk` (a DatasetDict contributes its `train` split), or `hf:NAME[:CONFIG]`
     (`datasets.load_dataset(NAME, CONFIG, split="train", streaming=True)`, which works offline only when cached).
-    Files are read one at a time, datasets in batches of rows. Raises ConfigError naming `data.corpus` (bad spec,
-    missing path, a file that is not UTF-8) or `data.text_field` (missing field); the spec is checked at once, the
-    files as they are reached.
+    Files are read one at a time, line by line, datasets in batches of rows. Raises ConfigError naming `data.corpus`
+    (bad spec, missing path, a file that is not UTF-8) or `data.text_field` (missing field); the spec is checked at
+    once, the files as they are reached.
     """
     if corpus == "stdlib":
         return iter(stdlib_texts())
@@ -86,7 +86,7 @@ def iter_texts(corpus: str, text_field: str = "text") -> Iterator[str]:
             raise ConfigError("data.corpus", corpus, f"an existing file ({path.resolve()} does not exist)")
         if path.suffix not in (".txt", ".jsonl"):
             raise ConfigError("data.corpus", corpus, "a file ending in .txt or .jsonl")
-        return iter(_file_texts(path, text_field))
+        return _file_texts(path, text_field)
     raise ConfigError("data.corpus", corpus, CORPUS_CHOICES)
 
 
@@ -137,20 +137,36 @@ def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or "/" in spec or spec.startswith(("~", "."))
 
 
-def _file_texts(path: Path, text_field: str) -> list[str]:
+def _file_texts(path: Path, text_field: str) -> Iterator[str]:
     try:
-        return _decoded_file_texts(path, text_field)
-    except UnicodeDecodeError as e:  # a binary or Latin-1 file among the text: name it, do not guess an encoding
-        raise ConfigError("data.corpus", str(path), f"UTF-8 text files ({path}: byte 0x{e.object[e.start]:02x} "
-                          f"at offset {e.start} is not UTF-8; convert or remove the file)") from None
+        yield from _decoded_file_texts(path, text_field)
+    except UnicodeDecodeError:  # a binary or Latin-1 file among the text: name it, do not guess an encoding
+        offset, byte = _first_non_utf8(path)
+        raise ConfigError("data.corpus", str(path), f"UTF-8 text files ({path}: byte 0x{byte:02x} at offset "
+                          f"{offset} is not UTF-8; convert or remove the file)") from None
 
 
-def _decoded_file_texts(path: Path, text_field: str) -> list[str]:
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        return [doc.strip() for doc in re.split(r"\n[ \t]*\n", text) if doc.strip()]
-    texts = []
+def _first_non_utf8(path: Path) -> tuple[int, int]:
+    """(file offset, value) of the first byte of `path` that is not UTF-8. The text reader decodes in blocks, so its
+    error's offset is within a block; this reads the bytes again by line (no UTF-8 sequence contains a newline byte,
+    so each line decodes on its own)."""
+    offset = 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return offset + e.start, line[e.start]
+            offset += len(line)
+    raise AssertionError(f"{path} decodes as UTF-8 now")  # it changed since the text reader failed
+
+
+def _decoded_file_texts(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of one file, read line by line so memory holds one document, not the file."""
     with path.open(encoding="utf-8") as f:
+        if path.suffix == ".txt":
+            yield from _txt_documents(f)
+            return
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -162,8 +178,24 @@ def _decoded_file_texts(path: Path, text_field: str) -> list[str]:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ConfigError("data.text_field", text_field,
                                   f"a string field present in every line ({path}:{lineno} has {keys})")
-            texts.append(record[text_field])
-    return texts
+            yield record[text_field]
+
+
+BLANK_LINE = re.compile(r"[ \t]*\n?")
+
+
+def _txt_documents(lines: Iterable[str]) -> Iterator[str]:
+    """Documents separated by blank lines (nothing but spaces and tabs), each stripped, empty ones dropped. These
+    are the pieces of splitting the whole text at newline, spaces/tabs, newline (as the reader did when it read a
+    file whole), so token stores built before stay the same byte for byte."""
+    doc: list[str] = []
+    for line in itertools.chain(lines, [""]):  # the final "" is a blank line: it ends the last document
+        if BLANK_LINE.fullmatch(line):
+            if text := "".join(doc).strip():
+                yield text
+            doc = []
+        else:
+            doc.append(line)
 
 
 def _is_saved_dataset(path: Path) -> bool:

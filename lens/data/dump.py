@@ -20,6 +20,7 @@ depend on who writes it. See `lens/data/shards.py` for the layout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from lens.data.corpus import Corpus, sample_positions
 from lens.data.shards import MANIFEST, PLAN, SPLITS, all_shard_keys, check_shard, dump_layers, expected_manifest, \
     manifest_mismatch, read_json, shard_key
 from lens.errors import InputError
-from lens.models.blocks import _hidden_of
+from lens.models.blocks import read_block_output
 from lens.models.hub import DTYPES, load_model
 from lens.models.orig import Orig
 from lens.storage import Storage, open_storage
@@ -206,23 +207,19 @@ def capture(orig: Orig, input_ids: torch.Tensor, positions: torch.Tensor, layers
     (n, d) fp32 on CPU}.
 
     Batches of `batch_size` rows, each cut after its own last position; one forward per batch, stopped after the
-    deepest layer (`Orig.capture`) while hooks read the others; bf16 autocast on GPU."""
+    deepest layer (`Orig.capture`) while `read_block_output` reads the others; bf16 autocast on GPU."""
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     *shallow, deepest = sorted(layers)
     for s in range(0, len(input_ids), batch_size):
         ids, pos = input_ids[s:s + batch_size].to(device), positions[s:s + batch_size].to(device)
-        rows = torch.arange(len(pos), device=device)
-
-        def keep(layer):
-            return lambda module, args, output: out[layer].append(_hidden_of(output)[rows, pos].float().cpu())
-
-        hooks = [orig.parts.blocks[layer].register_forward_hook(keep(layer)) for layer in shallow]
-        try:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out[deepest].append(orig.capture(ids, deepest, pos).float().cpu())
-        finally:
-            for h in hooks:
-                h.remove()
+        read: dict[int, list[torch.Tensor]] = {layer: [] for layer in shallow}  # this batch's, on the device
+        with contextlib.ExitStack() as hooks, torch.no_grad(), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for layer in shallow:
+                hooks.enter_context(read_block_output(orig.parts, layer, pos, read[layer]))
+            out[deepest].append(orig.capture(ids, deepest, pos).float().cpu())
+        for layer in shallow:
+            out[layer] += [A.float().cpu() for A in read[layer]]
     return {layer: torch.cat(t) if t else torch.empty(0) for layer, t in out.items()}
 
 

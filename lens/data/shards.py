@@ -49,10 +49,11 @@ POSITIONS = "uniform[first+min_pos, seq_len-1] keyed (seed, POSITION|VAL_POSITIO
 # and the config key to change. (`layers` must contain model.layer; `splits` and `shard_size` are layout.)
 CHECKED = {"format": "the dump format (dump again with this version)", "model": "model.name",
            "d_model": "d_model (of model.name)", "dtype": "model.dtype", "tokenizer": "the tokenizer of model.name",
-           "corpus": "data.corpus", "text_field": "data.text_field",
+           "corpus": "data.corpus", "text_field": "data.text_field", "seq_len": "data.seq_len",
+           "min_pos": "data.min_pos", "max_sequences": "data.max_sequences", "val_fraction": "data.val_fraction",
+           # after the settings it depends on, so a changed setting is named rather than the fingerprint
            "corpus_fingerprint": "the corpus content (data.corpus files, data.max_sequences, data.val_fraction)",
-           "seq_len": "data.seq_len", "min_pos": "data.min_pos", "max_sequences": "data.max_sequences",
-           "val_fraction": "data.val_fraction", "seed": "run.seed", "positions": "the position rule"}
+           "seed": "run.seed", "positions": "the position rule"}
 
 
 def dump_layers(cfg) -> list[int]:
@@ -135,11 +136,17 @@ def all_shard_keys(manifest: dict) -> list[str]:
 
 
 def read_json(storage: Storage, key: str) -> dict | None:
-    """The JSON object at `key`, or None when there is none."""
+    """The JSON object at `key`, or None when there is none. Such files are published whole (write, then rename), so
+    one that does not parse is damaged: bad input naming it, with the remedy."""
     try:
-        return json.loads(storage.read_bytes(key))
+        data = storage.read_bytes(key)
     except FileNotFoundError:
         return None
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{storage.uri(key)} is damaged (not JSON: {e}); delete it and rerun `lens dump`, which "
+                         f"verifies what is there and rewrites what is missing") from None
 
 
 def manifest_mismatch(found: dict, expected: dict) -> list[str]:

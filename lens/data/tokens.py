@@ -33,6 +33,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lens.config import DataConfig
+from lens.data.shards import read_json
 from lens.data.wait import wait_until
 from lens.errors import InputError
 from lens.storage import LocalStorage, Storage, open_storage
@@ -102,13 +103,6 @@ def _json(obj: dict) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def _read_json(storage: Storage, key: str) -> dict | None:
-    try:
-        return json.loads(storage.read_bytes(key))
-    except FileNotFoundError:
-        return None
-
-
 def check_plan(storage: Storage, found: dict, expected: dict, key: str = PLAN) -> None:
     """InputError naming the first config key whose store field differs (found at `storage`/`key`)."""
     for field, what in PLAN_KEYS.items():
@@ -156,12 +150,12 @@ def build(data: DataConfig, tokenizer: PreTrainedTokenizerBase, storage: Storage
 def _claim(storage: Storage, plan: dict) -> bool:
     """Check the store holds nothing but this plan; write the plan if absent. True if already complete."""
     for key in (MANIFEST, PLAN):
-        found = _read_json(storage, key)
+        found = read_json(storage, key)
         if found is not None:
             check_plan(storage, found, plan, key)
             if key == MANIFEST:
                 return True
-    if _read_json(storage, PLAN) is None:
+    if read_json(storage, PLAN) is None:
         storage.write_bytes(PLAN, _json(plan))
     return False
 
@@ -190,7 +184,7 @@ def _finish(storage: Storage, plan: dict, n_shards: int, written: int) -> bool:
         infos = [json.loads(storage.read_bytes(shard_info(j))) for j in range(n_shards)]
     manifest = {**plan, "shards": [[i["sequences"], i["sha256"]] for i in infos],
                 "sequences": sum(i["sequences"] for i in infos)}
-    if _read_json(storage, MANIFEST) is None:
+    if read_json(storage, MANIFEST) is None:
         storage.write_bytes(MANIFEST, _json(manifest))
     log.info("token store: complete, %d sequences in %d shards, %s", manifest["sequences"], len(infos),
              storage.uri(MANIFEST))
@@ -237,7 +231,7 @@ class TokenStore:
         if build_here if build_here is not None else local_cache:
             build(data, tokenizer, storage, index, count)
         else:
-            found = _read_json(storage, PLAN)
+            found = read_json(storage, PLAN)
             if found is not None:  # a store of another config fails now, not after the wait
                 check_plan(storage, found, plan)
         wait_until(lambda: storage.exists(MANIFEST), f"token store {storage.uri()}", lambda: progress(storage),

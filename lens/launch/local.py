@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lens.errors import InputError, is_retryable
@@ -156,6 +157,7 @@ class _Runner:
         self.procs: list[subprocess.Popen] = []
         self.threads: list[threading.Thread] = []
         self.signalled: int | None = None
+        self.stopping = False  # set when the run ends: the dump Job's loop then starts no more pods
         self.store = None
 
     def start(self, prefix: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -233,6 +235,8 @@ def _run_dump(job: dict, runner: _Runner, configmaps: dict, workdir: Path) -> in
     while pending or running:
         if runner.signalled:
             return 128 + runner.signalled
+        if runner.stopping:  # the run is over (training failed): its pods are being stopped, not failing
+            return 128 + signal.SIGTERM
         while pending and len(running) < parallelism:
             i = pending.pop(0)
             pod = _Pod(pod_spec, None, configmaps, workdir, f"dump-{i}")
@@ -476,14 +480,17 @@ class LocalRun:
 def run_local(docs: list[dict]) -> int:
     """Run the rendered manifests `docs` here as a cluster does: the dump Job's indexes (if rendered) and the
     PyTorchJob's workers start together, and the trainer waits for its data. A failed dump Job stops the run with
-    its exit code; a finished training waits for the dump Job to end. Returns the exit code."""
-    with LocalRun(docs) as run:
-        dumped: list[int] = []
-        thread = threading.Thread(target=lambda: dumped.append(run.dump()), name="dump-job", daemon=True)
-        thread.start()
-        code = run.workers().run(failed=lambda: dumped[0] if dumped and dumped[0] else None)
-        if code == 0:
-            thread.join()
-            code = dumped[0]
+    its exit code (or its exception, e.g. an InputError starting a pod); a finished training waits for the dump Job
+    to end. Returns the exit code. No process outlives the call."""
+    with LocalRun(docs) as run, ThreadPoolExecutor(1, thread_name_prefix="dump-job") as pool:
+        dump = pool.submit(run.dump)
+        try:
+            code = run.workers().run(failed=lambda: dump.result() if dump.done() else None)
+            if code == 0:
+                code = dump.result()
+        finally:
+            # The dump loop sees this within a poll and returns without starting a pod; leaving the pool joins it,
+            # so every pod it started is in the runner's list before LocalRun's exit stops them all.
+            run.runner.stopping = True
     print(f"local run {'finished' if code == 0 else f'failed (exit {code})'}", file=sys.stderr)
     return code

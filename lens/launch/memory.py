@@ -36,14 +36,15 @@ USABLE = 0.92  # of a GPU's memory: the CUDA context, NCCL buffers and allocator
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def gpu_memory_bytes(value: str | int | float) -> int:
-    """`workers.gpuMemory`: a quantity ("80Gi", "24G", 40) or a preset name ("l4", "a100-40gb", "h100")."""
+def gpu_memory_bytes(value: str | int | float, key: str = "workers.gpuMemory") -> int:
+    """A GPU's memory (the values key `key`): a quantity ("80Gi", "24G", 40) or a preset name ("l4", "a100-40gb",
+    "h100")."""
     text = str(value).strip()
     if text.lower() in GPU_PRESETS:
         return GPU_PRESETS[text.lower()] * GiB
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(Gi|G|GB)?", text)
     if not m:
-        raise ConfigError("values.workers.gpuMemory", value,
+        raise ConfigError(f"values.{key}", value,
                           "a size like 80Gi or one of " + ", ".join(sorted(GPU_PRESETS)))
     return int(float(m.group(1)) * (GiB if m.group(2) in (None, "Gi") else 1e9))
 
@@ -244,7 +245,7 @@ def check(cfg: LensConfig, world: int, gpu_memory, gpus: bool = True,
     from lens.train.parallel import resolve_mode
 
     shapes = model_shapes(cfg.model.name)
-    gpu_bytes = gpu_memory_bytes(gpu_memory) if gpu_memory and gpus else None
+    gpu_bytes = gpu_memory_bytes(gpu_memory, gpu_key) if gpu_memory and gpus else None
     mode = resolve_mode(cfg, world)
     plans = [plan(cfg, shapes, world, m, gpu=gpus, gpu_bytes=gpu_bytes) for m in ("ddp", "fsdp")]
     chosen = plans[0] if mode == "ddp" else plans[1]
@@ -259,9 +260,16 @@ def report(cfg: LensConfig, values: dict) -> Plan:
     stderr; exit 2 (InputError) when `workers.gpuMemory` is set and the run cannot fit."""
     import sys
 
-    workers = values.get("workers", {})
-    gpus = int(workers.get("gpus", 1))
-    world = int(workers.get("minReplicas", workers.get("replicas", 1))) * max(gpus, 1)
+    import yaml
+
+    from lens.launch.cluster import CHART
+    from lens.launch.values import merge_values
+
+    # A key the given values leave out is the chart's default, as helm renders it.
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    workers = merge_values(defaults, values)["workers"]
+    gpus = int(workers["gpus"])
+    world = int(workers["minReplicas"]) * max(gpus, 1)
     text, chosen = check(cfg, world, workers.get("gpuMemory") or None, gpus=gpus > 0)
     print(text, file=sys.stderr)
     return chosen

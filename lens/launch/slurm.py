@@ -9,14 +9,12 @@ resumes from the newest committed checkpoint:
   `preStop` hook uses on Kubernetes; a trainer still starting up (which clears a flag as stale) gets a plain SIGTERM
   FALLBACK_MARGIN_S before the limit instead. The trainer exits 143 and the script requeues the job.
 - Exit 0 (train.max_steps reached) and exit 2 (bad input: it can never work; `lens torchrun` keeps a worker's 2)
-  are final; any other exit is requeued, at most `max_requeues` times.
-
-`python -m lens.launch.slurm dump CONFIG` is the dump step's command: `lens dump` as one index per task.
+  are final; any other exit is requeued, at most `max_requeues` times. The dump step (before training, when the run
+  needs one) follows the same rule: training starts only after it exits 0.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -27,7 +25,7 @@ from pathlib import Path
 
 from lens.config import LensConfig, to_yaml
 from lens.errors import InputError
-from lens.launch.values import read_values_files
+from lens.launch.values import needs_data_job, read_values_files
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # where `import lens` resolves: a checkout or site-packages
 FLAG_MARGIN_S = 40  # the trainer's flag budget ends this long before the time limit ...
@@ -96,8 +94,9 @@ def job_dir(cfg: LensConfig, values: SlurmValues) -> Path:
 
 
 def render(cfg: LensConfig, values: SlurmValues, config_path: str) -> str:
-    """The sbatch script of a run: #SBATCH lines from the values, the dump step if the config reads dumped
-    activations, then one torchrun agent per node (c10d rendezvous on the first node) and the requeue rule."""
+    """The sbatch script of a run: #SBATCH lines from the values, the dump step if the run needs one
+    (values.needs_data_job), then one torchrun agent per node (c10d rendezvous on the first node) and the requeue
+    rule."""
     q = shlex.quote
     folder = job_dir(cfg, values)
     python = values.python or sys.executable
@@ -114,9 +113,12 @@ def render(cfg: LensConfig, values: SlurmValues, config_path: str) -> str:
     agent = (f"{q(python)} -m lens torchrun --nnodes={values.nodes} "
              f"--nproc-per-node={values.procs_per_node} --rdzv-backend=c10d --rdzv-endpoint=\"$head:$port\" "
              f"--rdzv-id=\"$SLURM_JOB_ID\" --max-restarts=0 -m lens train {q(config_path)}")
-    dump = "" if cfg.data.on_the_fly else (
-        "# Activations first (a rerun skips finished shards), one dump index per node.\n"
-        f"run_step srun --kill-on-bad-exit=1 {q(python)} -m lens.launch.slurm dump {q(config_path)}\n")
+    # `lens dump` takes its index and count from the task's SLURM_PROCID and SLURM_NTASKS; a failed dump ends
+    # the start with its exit code (2: final; else requeued, and the rerun skips finished shards).
+    dump = (
+        "# The data first (a rerun skips finished shards), one dump index per node.\n"
+        f"run_step srun --kill-on-bad-exit=1 {q(python)} -m lens dump {q(config_path)} || finish $?\n"
+    ) if needs_data_job(cfg) else ""
     lines = ["#!/bin/bash", f"# consistency-lens run {cfg.run.name}, rendered by scripts/launch.py --slurm; "
              "requeued on preemption, resumes from run.dir.", *(f"#SBATCH {a}" for a in sbatch), "",
              *values.setup, ""]
@@ -278,19 +280,3 @@ def delete(run: str) -> int:
     if out.returncode == 0:
         print(f"cancelled job {' '.join(live)} ({run}); run.dir and its checkpoints are kept")
     return out.returncode
-
-
-# ------------------------------------------------------------------------------------------------ in the job
-
-
-def dump(config: str) -> int:
-    """`lens dump` as task SLURM_PROCID of SLURM_NTASKS: together the step's tasks dump the whole dataset."""
-    from lens.cli import main
-
-    return main(["dump", config, "--index", os.environ["SLURM_PROCID"], "--count", os.environ["SLURM_NTASKS"]])
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["dump"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m lens.launch.slurm dump CONFIG  (the dump step of a Slurm job)")
-    sys.exit(dump(sys.argv[2]))

@@ -10,16 +10,18 @@ from typing import Any
 
 import yaml
 
-from lens.errors import InputError
-
-import yaml
-
 from lens.config import LensConfig, to_yaml
-from lens.errors import ConfigError
+from lens.errors import ConfigError, InputError
 
 # Keys derived from the run config; a values file may not set them to something else (the pods would read one
 # run name from the ConfigMap and another from their environment).
 _DERIVED = ("run", "config")
+
+
+def needs_data_job(cfg: LensConfig) -> bool:
+    """Whether a run needs the data step first (the chart's dump Job, the Slurm dump step): the activations, or
+    the token store of an on-the-fly run that shares data.tokens."""
+    return not cfg.data.on_the_fly or cfg.data.tokens is not None
 
 
 def chart_values(cfg: LensConfig, overrides: dict | None = None) -> dict:
@@ -28,8 +30,7 @@ def chart_values(cfg: LensConfig, overrides: dict | None = None) -> dict:
     derived: dict[str, Any] = {
         "run": {"name": cfg.run.name},
         "config": to_yaml(cfg),
-        # The data Job: the token store, then the activations; an on-the-fly run needs it for a shared data.tokens.
-        "dump": {"enabled": not cfg.data.on_the_fly or cfg.data.tokens is not None},
+        "dump": {"enabled": needs_data_job(cfg)},
         "storage": {"endpointUrl": cfg.storage.endpoint_url or ""},
         "wandb": {"project": cfg.wandb.project, "entity": cfg.wandb.entity or ""},
     }

@@ -24,7 +24,8 @@ folder and otherwise replaced by the newest committed folder, and it is moved wi
 to an older step (a save that a restarted generation overtook cannot rewind it). Uncommitted folders are leftovers
 of a killed save: readers ignore them and the next save deletes them. A committed checkpoint that does not load
 (a truncated shard, a garbled marker) is reported in one line and skipped: resume falls back to the newest one
-before it that loads (:meth:`CheckpointManager.resume`).
+before it that loads (:meth:`CheckpointManager.resume`). Storage that fails to serve a checkpoint (an outage,
+refused credentials) says nothing about the checkpoint: that error propagates and the checkpoint stays in place.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 import posixpath
 import random
 import re
@@ -40,19 +42,22 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lens.errors import InputError
-from lens.storage import Storage, open_storage
+from lens.errors import InputError, RetryableError
+from lens.storage import Storage, _classify, open_storage
 
 logger = logging.getLogger(__name__)
-# What a checkpoint that does not load raises: anything, and DCP's CheckpointException (a BaseException) gathering
-# every rank's failure.
-LOAD_ERRORS = (Exception, CheckpointException)
+# What reading or applying a damaged checkpoint raises: a file missing from a committed folder, truncated or garbled
+# (JSON, pickle, torch's zip format, DCP's metadata: DCP turns a metadata read failure into an AssertionError), or
+# state that does not fit the model and optimizer (KeyError, RuntimeError, ValueError).
+DAMAGE_ERRORS = (ValueError, KeyError, TypeError, IndexError, EOFError, pickle.UnpicklingError, RuntimeError,
+                 AssertionError, FileNotFoundError)
 # DCP warns at every call without a process group that it assumes one process (also from its upload thread): that is
 # the intent here (no_dist is passed explicitly).
 warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
@@ -147,6 +152,24 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+class DamagedCheckpoint(InputError):
+    """A committed folder whose marker this version cannot read: bad input when named alone, skipped on resume."""
+
+
+def is_damage(e: BaseException) -> bool:
+    """Whether a failure to load a checkpoint says the checkpoint is damaged. Storage that failed to serve it (an
+    outage that outlasted its retries, refused credentials, a local I/O error), a lost peer or a config that does not
+    match the run are not damage: moving the checkpoint aside would lose a good one."""
+    if isinstance(e, CheckpointException):  # DCP's gathering of every rank's failure: damage only if all are
+        return all(is_damage(wrapped[0] if isinstance(wrapped, tuple) else wrapped)
+                   for wrapped in e.failures.values())
+    if isinstance(e, InputError):
+        return isinstance(e, DamagedCheckpoint)
+    if _classify(e)[0] or isinstance(e, torch.distributed.DistError):
+        return False
+    return isinstance(e, DAMAGE_ERRORS)
+
+
 @dataclass
 class Checkpoint:
     """One committed checkpoint: its small state read into memory, its tensors read on demand."""
@@ -163,12 +186,23 @@ class Checkpoint:
     uri: str
     """Where the step folder lives."""
     folder: Storage = field(repr=False)
+    files: list[str] = field(repr=False)
+    """The files its marker names."""
     _whole: dict | None = field(default=None, repr=False)
 
     def load_into(self, tensors: dict, process_group=None) -> None:
         """Fill ``tensors`` (a DCP state dict such as :func:`training_state`'s, or a part of one) in place. Each
         rank reads only the shards it holds, at any world size. Collective when a process group is up."""
-        dcp.load(tensors, storage_reader=self.folder.dcp_reader(), process_group=process_group, no_dist=_no_dist())
+        try:
+            dcp.load(tensors, storage_reader=self.folder.dcp_reader(), process_group=process_group,
+                     no_dist=_no_dist())
+        except (Exception, CheckpointException) as e:
+            # DCP's S3 reader reports a missing file like an outage: the storage layer tells them apart.
+            missing = [] if is_damage(e) else sorted(set(self.files) - set(self.folder.list()))
+            if missing:
+                raise FileNotFoundError(f"no object at {self.folder.uri(missing[0])} ({len(missing)} of the files "
+                                        f"{COMMITTED} names are missing)") from None
+            raise
 
     def read(self) -> dict:
         """The whole state dict in this process, unsharded, on CPU (for inspection and tests; training loads
@@ -201,41 +235,43 @@ class PendingSave:
     training loop only learns the outcome in :meth:`finish`."""
 
     def __init__(self, manager: CheckpointManager, name: str, future, small: dict[str, bytes] | None, rank: int,
-                 world: int, all_ok: Callable[[bool], bool]):
+                 world: int, all_ok: Callable[[bool], bool], started: float):
         self.manager, self.name, self.future, self.small = manager, name, future, small
+        self.step = _step_of(name)
         self.rank, self.world, self.all_ok = rank, world, all_ok
+        self.started = started
+        """``time.perf_counter()`` when the save began."""
+        self.seconds: float | None = None
+        """From ``started`` to the end of this rank's part (rank 0: the commit), stamped as it ends: the time the
+        save took, not the time until the training loop looked."""
         self._error: BaseException | None = None
-        self._committed = threading.Event()
-        if rank != 0:
-            self._committed.set()
-        elif future is not None:
-            future.add_done_callback(lambda _: self._commit())
+        self._ended = threading.Event()
+        if future is not None:
+            future.add_done_callback(lambda _: self._end())
         else:
-            self._commit()
+            self._end()
 
-    def _commit(self) -> None:
+    def _end(self) -> None:
+        """This rank's part, once its upload is done (in the upload's thread): rank 0 commits."""
         try:
             if self.future is not None:
                 self.future.result()
-            self.manager._commit(self.name, self.small, self.world)
+            if self.rank == 0:
+                self.manager._commit(self.name, self.small, self.world)
         except BaseException as e:  # noqa: BLE001 - raised on every rank by finish()
             self._error = e
         finally:
-            self._committed.set()
+            self.seconds = time.perf_counter() - self.started
+            self._ended.set()
 
     def done(self) -> bool:
         """Whether this rank's part is over (rank 0: committed or failed); never blocks."""
-        return self._committed.is_set() and (self.future is None or self.future.done())
+        return self._ended.is_set()
 
     def finish(self) -> str:
         """Wait for this rank's part, then raise on every rank if any rank's failed; returns the folder name."""
-        self._committed.wait()
+        self._ended.wait()
         error = self._error
-        if error is None and self.future is not None:
-            try:
-                self.future.result()
-            except BaseException as e:  # noqa: BLE001 - as above
-                error = e
         if not self.all_ok(error is None):
             if error is None:
                 raise OSError(f"another rank failed to save {self.manager.storage.uri(f'{CHECKPOINTS}/{self.name}')}"
@@ -257,7 +293,6 @@ class CheckpointManager:
             raise ValueError(f"checkpoint keep={keep} is invalid; expected at least 1 (the checkpoint just saved)")
         self.storage, self.keep, self.write_threads = storage, keep, write_threads
         self.last_tensor_bytes = 0  # tensor bytes this rank held in the last save (its shards, or its replicas)
-        self.started = 0.0
         self._staging = None  # see _stager()
 
     def save(self, step: int, tensors: dict, state: dict, config_yaml: str, *, rank: int = 0, world: int = 1,
@@ -270,16 +305,17 @@ class CheckpointManager:
         captured here, at the call (rank 0's). A step that is already committed is never overwritten (the run is
         deterministic, so it holds this same state): only ``latest`` is pointed at it again.
         """
-        return self._start(step, tensors, state, config_yaml, rank, world, all_ok, process_group, False).finish()
+        return self.start_save(step, tensors, state, config_yaml, rank=rank, world=world, all_ok=all_ok,
+                               process_group=process_group, asynchronous=False).finish()
 
     def start_save(self, step: int, tensors: dict, state: dict, config_yaml: str, *, rank: int = 0, world: int = 1,
-                   all_ok: Callable[[bool], bool] = alone, process_group=None) -> PendingSave:
+                   all_ok: Callable[[bool], bool] = alone, process_group=None,
+                   asynchronous: bool = True) -> PendingSave:
         """``save`` that returns once this rank's tensors are copied to host memory (``dcp.async_save``); the
         upload goes on in a thread and the checkpoint counts once :meth:`PendingSave.finish` committed it.
-        ``process_group`` must not be the one training's collectives use (they would interleave)."""
-        return self._start(step, tensors, state, config_yaml, rank, world, all_ok, process_group, True)
-
-    def _start(self, step, tensors, state, config_yaml, rank, world, all_ok, process_group, asynchronous):
+        ``process_group`` must not be the one training's collectives use (they would interleave). With
+        ``asynchronous=False`` it returns once the upload is done (and rank 0 committed it)."""
+        started = time.perf_counter()
         if "step" in state:
             raise ValueError("trainer state has a key 'step'; the checkpoint stores the step itself, pass it as step=")
         name = step_dirname(step)
@@ -287,7 +323,7 @@ class CheckpointManager:
         folder = self.storage.sub(folder_key)
         if folder.exists(COMMITTED):
             logger.info("checkpoint %s is already committed; not overwriting it", folder.uri())
-            return PendingSave(self, name, None, None, rank, world, all_ok)
+            return PendingSave(self, name, None, None, rank, world, all_ok, started)
         # Serialized now (the RNG states of this moment), written after the tensors, just before the marker.
         small = {RNG: _torch_bytes(rng_state()), STATE: json.dumps({"step": step, **state}, indent=1).encode(),
                  CONFIG: config_yaml.encode()} if rank == 0 else None
@@ -302,7 +338,6 @@ class CheckpointManager:
                 raise error
             raise OSError(f"rank 0 failed to clear {folder.uri()}; not saving it")
         self.last_tensor_bytes = _local_bytes(tensors)
-        self.started = time.perf_counter()
         try:
             if asynchronous:
                 result = dcp.async_save(tensors, storage_writer=folder.dcp_writer(self.write_threads),
@@ -313,7 +348,7 @@ class CheckpointManager:
         except CheckpointException as e:  # every rank gets it: DCP gathers the ranks' write results
             raise _save_failed(self, name, e) from e
         future = getattr(result, "upload_completion", result) if asynchronous else None
-        return PendingSave(self, name, future, small, rank, world, all_ok)
+        return PendingSave(self, name, future, small, rank, world, all_ok, started)
 
     def _stager(self):
         """The host copy async saves upload from, kept between saves: later saves only copy into it (no
@@ -340,8 +375,7 @@ class CheckpointManager:
             folder.write_bytes(COMMITTED, json.dumps({"step": _step_of(name), "world": world, "files": files}).encode())
             if not folder.exists(COMMITTED):
                 raise OSError(f"wrote {folder.uri(COMMITTED)} but it does not exist; not pointing {LATEST} at it")
-            logger.info("saved checkpoint %s (%d files from %d ranks) in %.1f s", folder.uri(), len(files), world,
-                        time.perf_counter() - self.started)
+            logger.info("saved checkpoint %s (%d files from %d ranks)", folder.uri(), len(files), world)
         self._collect_garbage(latest=self._point_latest(name))
 
     def _point_latest(self, name: str) -> str:
@@ -372,37 +406,36 @@ class CheckpointManager:
         """The newest committed checkpoint that loads, after ``load(checkpoint)`` loaded it; ``None`` when there is
         no committed checkpoint. Collective: every rank calls it and all agree on the checkpoint.
 
-        A checkpoint that fails to load for any reason (a truncated shard, an unreadable marker or metadata, an
-        optimizer state that does not fit) is reported in one line and skipped; with ``move_aside`` rank 0 moves
-        it to ``checkpoints/unloadable/`` (a later save of that step needs the name; nothing is deleted). An
-        ``InputError`` from ``load`` (the config does not match the run) is not a broken checkpoint: it propagates.
+        A damaged checkpoint (a missing or truncated file, an unreadable marker or metadata, an optimizer state
+        that does not fit: :func:`is_damage`) is reported in one line and skipped; with ``move_aside`` rank 0 moves
+        it to ``checkpoints/unloadable/`` (a later save of that step needs the name; nothing is deleted). Any other
+        failure on any rank is raised on every rank and moves nothing: an ``InputError`` as it is (the config does
+        not match the run, refused credentials), anything else (storage that did not answer) as a
+        ``RetryableError``, so the next start tries the same checkpoint again.
         """
         names, skipped = self._candidates(), []
         for name in names:
             folder = self.storage.sub(f"{CHECKPOINTS}/{name}")
-            why, checkpoint = None, None
-            try:
-                checkpoint = _read(folder, name)
-            except LOAD_ERRORS as e:  # any failure to read means the checkpoint is damaged
-                why = one_line(e)
-            if all_ok(why is None):
-                try:
-                    load(checkpoint)
-                except InputError:
-                    raise
-                except LOAD_ERRORS as e:  # as above
-                    why = one_line(e)
-                if all_ok(why is None):
-                    if skipped:
-                        logger.warning("resuming from %s: the newest committed checkpoint that loads (skipped %s)",
-                                       folder.uri(), ", ".join(skipped))
-                    return checkpoint
-            why = why or "another rank could not load it"
+            checkpoint, why = _attempt(all_ok, folder.uri(), _read, folder, name)
+            if why is None:
+                _, why = _attempt(all_ok, folder.uri(), load, checkpoint)
+            if why is None:
+                if skipped:
+                    logger.warning("resuming from %s: the newest committed checkpoint that loads (skipped %s)",
+                                   folder.uri(), ", ".join(skipped))
+                return checkpoint
             logger.error("checkpoint %s does not load (%s); trying the one before it", folder.uri(), why)
             skipped.append(name)
+            error = None
             if move_aside and rank == 0:
-                self._move_aside(name, why)
-            all_ok(True)  # nobody looks at the next one while rank 0 moves this one
+                try:
+                    self._move_aside(name, why)
+                except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+                    error = e
+            if not all_ok(error is None):  # nobody looks at the next one while rank 0 moves this one, nor waits
+                if error is not None:
+                    raise error
+                raise OSError(f"rank 0 failed to move {folder.uri()} aside; see its log")
         if skipped:
             raise InputError(f"none of the committed checkpoints in {self.storage.uri(CHECKPOINTS)} loads (skipped "
                              f"{', '.join(skipped)}; see the lines above); fix them, or use a new run.dir")
@@ -468,6 +501,35 @@ def _step_of(name: str) -> int:
     return int(_STEP_DIR.match(name).group(1))
 
 
+def _attempt(all_ok: Callable[[bool], bool], uri: str, fn: Callable, *args) -> tuple[object, str | None]:
+    """``fn(*args)`` on every rank, collectively: (its result, None) when it worked on every rank, else (None, why
+    the checkpoint at ``uri`` is damaged). A failure that is not damage on any rank is raised on every rank (no rank
+    waits in a collective for one that left)."""
+    result, why, fault = None, None, None
+    try:
+        result = fn(*args)
+    except (Exception, CheckpointException) as e:  # CheckpointException: DCP's gathering of the ranks' failures
+        if is_damage(e):
+            why = one_line(e)
+        else:
+            fault = e
+    if not all_ok(fault is None):
+        _raise_fault(fault, uri)
+    if not all_ok(why is None):
+        return None, why or "another rank could not load it"
+    return result, None
+
+
+def _raise_fault(e: BaseException | None, uri: str) -> NoReturn:
+    """Raise a failure to load ``uri`` that is not damage (``None``: another rank's): bad input as it is, anything
+    else as retryable; the checkpoint stays where it is for the next start."""
+    if isinstance(e, (InputError, RetryableError)):
+        raise e
+    cause = one_line(e) if e is not None else "on another rank; see its log"
+    raise RetryableError(f"could not read checkpoint {uri} ({cause}); it is not damaged: it stays, and the next "
+                         f"start tries it again") from e
+
+
 def load_checkpoint(uri: str, endpoint_url: str | None = None,
                     load: Callable[[Checkpoint], None] | None = None) -> Checkpoint:
     """The checkpoint at ``uri``: a run directory (its latest committed checkpoint) or one step folder.
@@ -483,9 +545,9 @@ def load_checkpoint(uri: str, endpoint_url: str | None = None,
         if load is not None:
             try:
                 load(checkpoint)
-            except InputError:
-                raise
-            except LOAD_ERRORS as e:  # any failure to read means the checkpoint is damaged
+            except (Exception, CheckpointException) as e:  # as in _attempt
+                if not is_damage(e):
+                    _raise_fault(e, storage.uri())
                 raise InputError(f"checkpoint {storage.uri()} does not load ({one_line(e)}); pass the run directory "
                                  f"or the checkpoint folder before it") from None
         return checkpoint
@@ -513,15 +575,16 @@ def _describe(storage: Storage, limit: int = 5) -> str:
 
 
 def _read(folder: Storage, name: str) -> Checkpoint:
-    """The small state of one committed step folder; any damage raises (a clear InputError where we can tell)."""
+    """The small state of one committed step folder; damage raises one of DAMAGE_ERRORS or DamagedCheckpoint."""
     try:
         marker = json.loads(folder.read_bytes(COMMITTED))
         files = marker["files"]
     except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{folder.uri(COMMITTED)} is unreadable ({one_line(e)}): not a marker this version "
-                         f"wrote") from None
+        raise DamagedCheckpoint(f"{folder.uri(COMMITTED)} is unreadable ({one_line(e)}): not a marker this version "
+                                f"wrote") from None
     if METADATA not in files:
-        raise InputError(f"{folder.uri(COMMITTED)} names no {METADATA}: not a checkpoint this version can read")
+        raise DamagedCheckpoint(f"{folder.uri(COMMITTED)} names no {METADATA}: not a checkpoint this version can "
+                                f"read")
     state = json.loads(folder.read_bytes(STATE))
     return Checkpoint(
         step=state.pop("step"),
@@ -531,6 +594,7 @@ def _read(folder: Storage, name: str) -> Checkpoint:
         name=name,
         uri=folder.uri(),
         folder=folder,
+        files=files,
     )
 
 

@@ -144,25 +144,23 @@ class Trainer:
         or with train.async_checkpoint once this rank's shards are copied to host memory (then `poll_save` commits
         it when the upload is done)."""
         self.wait_for_save()  # one upload at a time
-        self.save_started = time.perf_counter()
-        pending = self.checkpoints.start_save if self.cfg.train.async_checkpoint else self.checkpoints.save
-        result = pending(self.step, training_state(self.model, self.optimizer),
-                         {"cursor": self.cursor.state_dict(), "wandb_run_id": self.cfg.run.name},
-                         lens_config.to_yaml(self.cfg), rank=self.dist.rank, world=self.dist.world,
-                         all_ok=dist.all_true, process_group=self.checkpoint_group)
-        if isinstance(result, PendingSave):
-            self.pending_save = result
+        self.pending_save = self.checkpoints.start_save(
+            self.step, training_state(self.model, self.optimizer),
+            {"cursor": self.cursor.state_dict(), "wandb_run_id": self.cfg.run.name}, lens_config.to_yaml(self.cfg),
+            rank=self.dist.rank, world=self.dist.world, all_ok=dist.all_true, process_group=self.checkpoint_group,
+            asynchronous=self.cfg.train.async_checkpoint)
+        if self.cfg.train.async_checkpoint:
             log.info("checkpoint step-%08d: training goes on while it uploads (blocked %.2f s)", self.step,
-                     time.perf_counter() - self.save_started)
+                     time.perf_counter() - self.pending_save.started)
         else:
-            self.committed(result)
+            self.wait_for_save()
 
-    def committed(self, name: str) -> None:
+    def committed(self, pending: PendingSave) -> None:
         """A checkpoint is committed (every rank's shards, marker, pointer): the one place that says so."""
-        self.save_seconds = dist.all_max(time.perf_counter() - self.save_started)  # the slowest rank's, on all
-        log.info("checkpoint %s committed: %.1f MB on this rank in %.2f s by %d processes", name,
+        self.save_seconds = dist.all_max(pending.seconds)  # the slowest rank's, on all
+        log.info("checkpoint %s committed: %.1f MB on this rank in %.2f s by %d processes", pending.name,
                  self.checkpoints.last_tensor_bytes / 1e6, self.save_seconds, self.dist.world)
-        self.tracker.event("checkpoint", step=int(name.rsplit("-", 1)[-1]), seconds=self.save_seconds,
+        self.tracker.event("checkpoint", step=pending.step, seconds=self.save_seconds,
                            mb=self.checkpoints.last_tensor_bytes / 1e6, world=self.dist.world)
 
     def poll_save(self) -> None:
@@ -171,10 +169,12 @@ class Trainer:
             self.wait_for_save()
 
     def wait_for_save(self) -> None:
-        """Wait for an async upload in flight and commit it (its error, if any, is raised on every rank)."""
+        """Wait for the save in flight (an async upload, or the one `save` just made) and say it is committed; its
+        error, if any, is raised on every rank."""
         if self.pending_save is not None:
             pending, self.pending_save = self.pending_save, None
-            self.committed(pending.finish())
+            pending.finish()
+            self.committed(pending)
 
     def save_estimate(self) -> float:
         """Seconds a checkpoint takes: the last one's, or before any, its bytes at a cautious upload speed."""
@@ -324,8 +324,8 @@ class Trainer:
             seconds_left = notice.seconds_left() if self.step < cfg.max_steps else None
             if seconds_left is not None:
                 self.handle_preemption(seconds_left, saved)
+                self.tracker.finish()  # uploads the records: before `consume`, after which the pod may be killed
                 notice.consume()
-                self.tracker.finish()
                 raise Preempted(f"preempted at step {self.step}", notice.exit_code)
         self.wait_for_save()
         metrics = self.run_eval()

@@ -17,6 +17,7 @@ import os
 import signal
 import time
 
+from lens.errors import RetryableError
 from lens.train import dist
 
 log = logging.getLogger("lens.train")
@@ -25,8 +26,9 @@ EXIT_CODE = 143  # 128 + SIGTERM: non-zero, so the operator restarts the pod and
 SIGTERM_BUDGET_S = 25.0  # torchrun SIGKILLs workers 30 s after forwarding SIGTERM; 5 s for exiting
 
 
-class Preempted(Exception):
-    """Raised once the preemption is handled (checkpoint saved, or skipped as it did not fit); exit `exit_code`."""
+class Preempted(RetryableError):
+    """Raised once the preemption is handled (checkpoint saved, or skipped as it did not fit): retryable, with the
+    signal's exit code (128 + N) in place of `EXIT_RETRYABLE`."""
 
     def __init__(self, message: str, exit_code: int = EXIT_CODE):
         super().__init__(message)
@@ -48,12 +50,12 @@ class PreemptionNotice:
 
     def _on_signal(self, signum, frame) -> None:
         # Nothing else here: the loop saves at a step boundary, never mid-step.
-        if signum == signal.SIGINT:
-            if self.exit_code == 128 + signal.SIGINT:  # the second Ctrl-C
-                raise KeyboardInterrupt
-            log.warning("SIGINT: saving at the next step boundary, then exiting (Ctrl-C again aborts at once)")
-        self.exit_code = 128 + signum
+        if signum == signal.SIGINT and self.exit_code == 128 + signal.SIGINT:  # the second Ctrl-C
+            raise KeyboardInterrupt
+        self.exit_code = 128 + signum  # before the line below: a second Ctrl-C may come as soon as it is out
         self._set_deadline(time.monotonic() + SIGTERM_BUDGET_S)
+        if signum == signal.SIGINT:
+            log.warning("SIGINT: saving at the next step boundary, then exiting (Ctrl-C again aborts at once)")
 
     def _set_deadline(self, deadline: float) -> None:
         self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
