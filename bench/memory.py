@@ -5,11 +5,12 @@
 
 Each mode runs 2 ranks under torchrun (gloo). Every rank records its resident memory after the process group is up
 (the baseline: Python, torch, transformers), builds the trainer, restarts its high-water mark and trains two steps;
-measured = that high-water mark - the baseline (the peak of building, before FSDP shards the copies, is printed
-beside it). The plan is computed from the model's config.json on the meta device, with CPU dtypes (fp32 compute).
-Prints one `memory ratio` line per mode and rank: measured peak / plan (goal 0.85-1.15). Then each rank saves a
-checkpoint (DCP, every rank writing what it owns) with its high-water mark restarted: `save memory ratio` = that
-save's host-memory peak / (checkpoint size / world) (goal <= 1.5; nothing gathers the whole state on one rank).
+measured = that high-water mark - the baseline (the peak of building the trainer is printed beside it: under FSDP
+the frozen model and this rank's shards, as the copies are sharded before they get weights). The plan is computed
+from the model's config.json on the meta device, with CPU dtypes (fp32 compute). Prints one `memory ratio` line per
+mode and rank: measured peak / plan (goal 0.85-1.15). Then each rank saves a checkpoint (DCP, every rank writing
+what it owns) with its high-water mark restarted: `save memory ratio` = that save's host-memory peak / (checkpoint
+size / world) (goal <= 1.5; nothing gathers the whole state on one rank).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def worker(config: str, out: str) -> None:
     dist.barrier()
     base = _rss("VmRSS")
     trainer = Trainer(cfg)
-    built = _rss("VmHWM") - base  # includes the whole copies each rank builds before FSDP shards them
+    built = _rss("VmHWM") - base  # building's peak (DDP: whole copies; FSDP: this rank's shards)
     # Training's own peak: hand freed heap back to the OS, then restart the high-water mark (clear_refs 5).
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -106,7 +106,8 @@ def _naive_grpo(model: LensModel, batch: Batch, A: torch.Tensor) -> torch.Tensor
     B, G = len(A), lw.group_size
     A = A.repeat_interleave(G, dim=0)
     keys = gumbel_keys(cfg.run.seed, batch.sample_ids.repeat_interleave(G), torch.arange(G).repeat(B))
-    gen = dec.generate(A, cfg.decoder.t_text, keys, hard=True, temperature=lw.temperature, use_cache=False)
+    with torch.no_grad():  # sample, then score the samples with gradients
+        gen = dec.generate(A, cfg.decoder.t_text, keys, hard=True, temperature=lw.temperature, use_cache=False)
     A_hat = _naive_encoder(model, gen.embeds, batch.current_ids().repeat_interleave(G))
     mse = losses.normalized_mse(A, A_hat)
     advantage = losses.group_advantage(-mse.detach().view(B, G)).view(-1)
@@ -121,9 +122,8 @@ def _naive_grpo(model: LensModel, batch: Batch, A: torch.Tensor) -> torch.Tensor
 
 
 def lens_step(model: LensModel, batch: Batch, knobs: Knobs) -> torch.Tensor:
-    """What the trainer runs: capture A (on the fly), then the objective."""
-    A = model.orig.capture(batch.input_ids, model.layer, batch.positions)
-    return lens_losses(model, Batch(batch.input_ids, batch.positions, A, batch.sample_ids), knobs)[0]
+    """What the trainer runs on the fly: the objective, whose unpatched pass also gives A."""
+    return lens_losses(model, Batch(batch.input_ids, batch.positions, None, batch.sample_ids), knobs)[0]
 
 
 class Breakdown:

@@ -94,9 +94,22 @@ class ModelConfig:
     """The block L whose output (the residual stream after block L, 0-based) is explained."""
     dtype: str = "float32"
     """Weights of the frozen model: float32 or bfloat16. Trainable parameters are always fp32 masters."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) of a hub-id model.name. Its mirror keeps the commit of its first copy."""
+    cache: Optional[str] = None
+    """Mirror of a hub model's files (safetensors, configs, tokenizer): copied from the hub once, by the first
+    process that needs them, to <cache>/<model.name>@<model.revision>/ (local path or s3://), and read from there by
+    every start, so restarts never read the hub. None: s3://<bucket>/models of the first of run.dir,
+    data.activations, data.tokens on S3, else this machine's $LENS_CACHE/models. "none": no mirror. Local folders,
+    .gguf files and the offline SmolLM2 conversion are never mirrored."""
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        if not re.fullmatch(r"[A-Za-z0-9][-A-Za-z0-9._/]*", self.revision) or ".." in self.revision:
+            raise ConfigError("model.revision", self.revision, "a hub branch, tag or commit, e.g. main")
+        if self.cache is not None and not self.cache.strip():
+            raise ConfigError("model.cache", self.cache, "a local path or s3:// URI, none (no mirror), or null "
+                              "(derived from run.dir)")
         if self.layer < 0:
             raise ConfigError("model.layer", self.layer, "a block index >= 0")
 
@@ -382,7 +395,7 @@ class LensConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        for key in ("storage.endpoint_url", "run.dir", "data.activations", "data.corpus", "model.name"):
+        for key in ("storage.endpoint_url", "run.dir", "data.activations", "data.corpus", "model.name", "model.cache"):
             _no_url_credentials(key, _attr(self, key))
         if self.loss.resample_ablation and self.data.on_the_fly:
             raise ConfigError("loss.resample_ablation", True, "false with data.on_the_fly=true (A' pairs come "

@@ -13,7 +13,7 @@ from lens.config import LensConfig, from_dictconfig, to_dict
 from lens.data.batches import ActivationData
 from lens.errors import InputError
 from lens.evaluate import evaluate
-from lens.models.hub import DTYPES, load_model
+from lens.models.hub import load_model_for
 from lens.models.lens_model import LensModel
 from lens.train.checkpoint import Checkpoint, apply_model_state, load_checkpoint, model_state, one_line
 
@@ -51,7 +51,7 @@ def load_lens(uri: str, endpoint_url: str | None = None, device: torch.device | 
         # Built once: the older checkpoints a fallback tries are of the same run, so they share its config (unless it
         # was resumed with other settings). Every trainable tensor is refilled below, so a failed try leaves nothing.
         if loaded.get("cfg") != cfg:
-            lm, tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
+            lm, tokenizer = load_model_for(cfg)
             loaded.update(cfg=cfg, model=LensModel(cfg, lm.to(device), tokenizer).to(device))
         model = loaded["model"]
         tensors = model_state(model)  # the weights only, no optimizer state

@@ -14,6 +14,7 @@ import torch
 
 from lens import losses, rng
 from lens.models.lens_model import LensModel
+from lens.models.orig import Unpatched
 
 
 @dataclass
@@ -22,8 +23,9 @@ class Batch:
     """(B, S) contexts."""
     positions: torch.Tensor
     """(B,) token positions p."""
-    A: torch.Tensor
-    """(B, d) activations at (model.layer, p)."""
+    A: torch.Tensor | None
+    """(B, d) activations at (model.layer, p): dumped ones, or None on the fly (the objective's unpatched pass over
+    the contexts yields them)."""
     sample_ids: torch.Tensor
     """(B,) global sample indices: key every random choice of a sample."""
     A_prime: torch.Tensor | None = None
@@ -52,8 +54,18 @@ def gumbel_keys(seed: int, sample_ids: torch.Tensor, member: int = 0) -> torch.T
     return rng.key(seed, rng.GUMBEL, sample_ids, member)
 
 
-Terms = tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor]
-"""({term: per-sample value (B,)}, {term: weight}, A_hat (B, d)); terms without a weight are logged only."""
+@dataclass
+class Explained:
+    """The activations a micro-batch explained and the lens's reconstructions of them."""
+
+    A: torch.Tensor
+    """(B, d) the batch's A, or on the fly the unpatched pass's."""
+    A_hat: torch.Tensor
+    """(B, d)"""
+
+
+Terms = tuple[dict[str, torch.Tensor], dict[str, float], Explained]
+"""({term: per-sample value (B,)}, {term: weight}, (A, A_hat)); terms without a weight are logged only."""
 
 
 def lens_terms(model: LensModel, batch: Batch, knobs: Knobs) -> Terms:
@@ -64,11 +76,19 @@ def lens_terms(model: LensModel, batch: Batch, knobs: Knobs) -> Terms:
 
 
 def lens_losses(model: LensModel, batch: Batch, knobs: Knobs):
-    """(total loss per sample (B,), {term: per-sample value (B,), detached}, A_hat (B, d) detached) for one
+    """(total loss per sample (B,), {term: per-sample value (B,), detached}, (A, A_hat) detached) for one
     micro-batch."""
-    values, weights, A_hat = lens_terms(model, batch, knobs)
+    values, weights, explained = lens_terms(model, batch, knobs)
     total = sum(w * values[name] for name, w in weights.items() if w != 0)
-    return total, {k: v.detach() for k, v in values.items()}, A_hat.detach()
+    return (total, {k: v.detach() for k, v in values.items()},
+            Explained(explained.A.detach(), explained.A_hat.detach()))
+
+
+def unpatched(model: LensModel, batch: Batch) -> tuple[Unpatched, torch.Tensor]:
+    """The one unpatched pass over the batch's contexts (target logits and cache of the functional KL) and A: the
+    batch's own when dumped, else that pass's block-`layer` output at p (so on the fly nothing else captures it)."""
+    run = model.orig.unpatched(batch.input_ids, model.layer, batch.positions)
+    return run, run.A if batch.A is None else batch.A
 
 
 def reconstruct(model: LensModel, A: torch.Tensor, current_ids: torch.Tensor, keys: torch.Tensor, tau: float):
@@ -79,8 +99,9 @@ def reconstruct(model: LensModel, A: torch.Tensor, current_ids: torch.Tensor, ke
 
 def _straight_through(model: LensModel, batch: Batch, knobs: Knobs):
     cfg, lw = model.cfg, model.cfg.loss
+    run, A = unpatched(model, batch)
     keys = gumbel_keys(cfg.run.seed, batch.sample_ids)
-    gen, A_hat = reconstruct(model, batch.A, batch.current_ids(), keys, knobs.tau)
+    gen, A_hat = reconstruct(model, A, batch.current_ids(), keys, knobs.tau)
     A_train = A_hat
     if lw.resample_ablation:
         # A' keeps its own context's information; the lens must carry what A adds on top: A_hat + (A' - A_hat').
@@ -92,10 +113,9 @@ def _straight_through(model: LensModel, batch: Batch, knobs: Knobs):
     weighted: dict[str, float] = {}
 
     with _grad_if(lw.mse_weight > 0):
-        terms["mse"] = losses.normalized_mse(batch.A, A_train)
+        terms["mse"] = losses.normalized_mse(A, A_train)
     weighted["mse"] = lw.mse_weight
 
-    run = model.orig.unpatched(batch.input_ids, model.layer, batch.positions)
     with _grad_if(lw.kl_weight > 0):
         terms["kl"] = losses.kl(run.target, model.orig.patched(run, A_train))
     weighted["kl"] = lw.kl_weight
@@ -112,25 +132,27 @@ def _straight_through(model: LensModel, batch: Batch, knobs: Knobs):
         terms["entropy"] = H
     weighted["entropy"] = -lw.entropy_weight * knobs.entropy_mult
 
-    return terms, weighted, A_train
+    return terms, weighted, Explained(A, A_train)
 
 
 def _grpo(model: LensModel, batch: Batch):
     cfg, lw = model.cfg, model.cfg.loss
-    B, G = batch.A.shape[0], lw.group_size
-    A = batch.A.repeat_interleave(G, dim=0)  # (B*G, d): row b*G + g is member g of group b
+    B, G = len(batch.positions), lw.group_size
+    run, A_orig = unpatched(model, batch)
+    A = A_orig.repeat_interleave(G, dim=0)  # (B*G, d): row b*G + g is member g of group b
     current = batch.current_ids().repeat_interleave(G)
     members = torch.arange(G, device=A.device).repeat(B)
     keys = gumbel_keys(cfg.run.seed, batch.sample_ids.repeat_interleave(G), members)
-    gen = model.decoder.generate(A, cfg.decoder.t_text, keys, hard=True, temperature=lw.temperature)
+    # The members share A, so the prompt runs once per group; the sampling pass keeps the logits' graph.
+    gen = model.decoder.generate(A, cfg.decoder.t_text, keys, hard=True, temperature=lw.temperature, group=G)
 
     # Encoder: trained by MSE only (the hard explanation carries no gradient back to the decoder).
     A_hat = model.encoder(gen.embeds, current)
     mse = losses.normalized_mse(A, A_hat)  # (B*G,)
     advantage = losses.group_advantage(-mse.detach().view(B, G)).view(-1)
 
-    # Decoder: trained by the policy term only (its own log-probs of the sampled tokens).
-    logits = model.decoder.score(A, gen.ids)
+    # Decoder: trained by the policy term only (its own log-probs of the sampled tokens, from the sampling pass).
+    logits = gen.logits
     logp = losses.token_logprobs(logits, gen.ids)
     policy = losses.policy_loss(logp, advantage)
     ref_logp = losses.token_logprobs(
@@ -141,8 +163,8 @@ def _grpo(model: LensModel, batch: Batch):
     per_group = lambda x: x.view(B, G).mean(1)  # noqa: E731
     with torch.no_grad():  # logged only: functional KL of the first member of each group, entropy, reward
         first = torch.arange(B, device=A.device) * G
-        run = model.orig.unpatched(batch.input_ids, model.layer, batch.positions)
         logged = {"kl": losses.kl(run.target, model.orig.patched(run, A_hat[first])),
                   "entropy": per_group(losses.entropy(logits).mean(-1)), "reward": per_group(-mse)}
     terms = {"mse": per_group(mse), "policy": per_group(policy), "grpo_kl": per_group(k3), **logged}
-    return terms, {"mse": lw.mse_weight, "policy": lw.grpo_weight, "grpo_kl": lw.grpo_beta}, A_hat[first]
+    weights = {"mse": lw.mse_weight, "policy": lw.grpo_weight, "grpo_kl": lw.grpo_beta}
+    return terms, weights, Explained(A_orig, A_hat[first])

@@ -370,7 +370,10 @@ def _s3_client(endpoint_url: str | None):
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     # botocore's "standard" mode retries throttling, 5xx and connection errors per request with jittered backoff;
     # the timeouts bound how long a hung server can stall one request before that retry kicks in.
-    config = Config(retries={"max_attempts": BOTO_ATTEMPTS, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    # One transfer runs 10 parts at once and callers run several transfers at once (the model mirror copies 4 files):
+    # a pool of botocore's default 10 connections would make them wait for, and discard, connections.
+    config = Config(retries={"max_attempts": BOTO_ATTEMPTS, "mode": "standard"}, connect_timeout=10, read_timeout=60,
+                    max_pool_connections=64)
     if endpoint_url:  # self-hosted S3 servers (MinIO, moto, s3rver) route requests by path, not by bucket subdomain
         config = config.merge(Config(s3={"addressing_style": "path"}))
     return boto3.client("s3", endpoint_url=endpoint_url, config=config)

@@ -6,7 +6,8 @@ server on loopback (moto, behind a proxy that can hold an upload). At seeded ran
 node to a spot reclaim (preStop hook, SIGTERM), and a worker in the middle of a checkpoint upload. Pods come back as
 the operator would bring them back (`WorkerGroup`). Then: the same samples were consumed as by an uninterrupted run,
 the weights and optimizer state are bitwise equal where the world size never changed and within 1e-5 after it did,
-and no fault (nor the re-joins after them) lost more than one checkpoint interval.
+and no fault (nor the re-joins after them) lost more than one checkpoint interval. Both ways of spreading the lens
+go through it: DDP over frozen bases, and FSDP (`train.parallel=fsdp`) sharding trainable bases.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lens.launch import local_manifests
 from _chaos import S3_TEST_ENV, ChaosRun, FaultProxy, S3Server
 from lens.train.checkpoint import load_checkpoint
 
-STEPS, EVERY, BATCH = 240, 10, 12
+EVERY, BATCH = 10, 12
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +50,21 @@ def env(monkeypatch, helm_env, tmp_path):  # noqa: F811
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
-def manifests(tiny_files, s3, tmp_path, name: str) -> list[dict]:
+# How the lens is spread over the ranks: (steps, whether the faults strike twice, config sections). DDP over frozen
+# bases (the default); FSDP sharding trainable bases (train.parallel=fsdp holds at world 1 too, when the survivor
+# trains alone), one fault of each kind in half the steps, as its steps and restarts are slower.
+PARALLEL = {"ddp": (240, True, {}),
+            "fsdp": (120, False, {"decoder": {"train_base": True}, "encoder": {"train_base": True}})}
+
+
+def manifests(tiny_files, s3, tmp_path, name: str, parallel: str) -> list[dict]:
+    steps, _, sections = PARALLEL[parallel]
     cfg = tiny_run_config(tiny_files, name, f"s3://chaos/{name}",
                           optim={"lr": 3e-3, "warmup": "1s", "decay": "constant"},
-                          train={"max_steps": STEPS, "batch_size": BATCH, "micro_batch_size": 3,
+                          train={"max_steps": steps, "batch_size": BATCH, "micro_batch_size": 3,
                                  "checkpoint_every": EVERY, "keep_checkpoints": 100, "log_every": 1,
-                                 "eval_every": 0, "collective_timeout": 60})
+                                 "eval_every": 0, "collective_timeout": 60, "parallel": parallel},
+                          **sections)
     cfg["storage"] = {"endpoint_url": s3["endpoint"]}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -90,22 +100,26 @@ def bitwise(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel", list(PARALLEL))
+def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, monkeypatch, parallel):
     endpoint = s3["server"].endpoint
+    steps, repeats, _ = PARALLEL[parallel]
+    calm_name, chaos_name = f"calm-{parallel}", f"chaos-{parallel}"  # run dirs in the module's one bucket
     # The uninterrupted run: two nodes throughout.
     (tmp_path / "base").mkdir()
     monkeypatch.chdir(tmp_path / "base")  # where rank 0 writes metrics.jsonl (wandb-local/: run.dir is on S3)
-    with ChaosRun(manifests(tiny_files, s3, tmp_path, "calm"), tmp_path / "base" / "wandb-local" / "events.jsonl",
-                  echo=True) as run:
+    with ChaosRun(manifests(tiny_files, s3, tmp_path, calm_name, parallel),
+                  tmp_path / "base" / "wandb-local" / "events.jsonl", echo=True) as run:
         assert run.finish(600) == 0
+        calm_events = run.events
     calm_rows = consumed(tmp_path / "base" / "wandb-local" / "metrics.jsonl")
 
     (tmp_path / "chaos").mkdir()
     monkeypatch.chdir(tmp_path / "chaos")
     rng = random.Random(7)
-    targets = sorted(rng.sample(range(4, STEPS // 2), 6))
-    with ChaosRun(manifests(tiny_files, s3, tmp_path, "chaos"), tmp_path / "chaos" / "wandb-local" / "events.jsonl",
-                  echo=True, seed=7) as run:
+    targets = sorted(rng.sample(range(4, steps // 2), 6))
+    with ChaosRun(manifests(tiny_files, s3, tmp_path, chaos_name, parallel),
+                  tmp_path / "chaos" / "wandb-local" / "events.jsonl", echo=True, seed=7) as run:
         run.wait_step(targets[0])
         run.kill_worker()
         run.wait_step(targets[1])
@@ -117,19 +131,23 @@ def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, mo
         mark = len(run.events)
         run.restore_node(run.lost)
         run.wait_world(2, since=mark)  # the replacement pod joined
-        run.wait_step(targets[4])
-        run.kill_worker()
-        run.wait_step(targets[5])
-        run.kill_node(down_s=1.0)
+        if repeats:
+            run.wait_step(targets[4])
+            run.kill_worker()
+            run.wait_step(targets[5])
+            run.kill_node(down_s=1.0)
         assert run.finish(600) == 0
         faults, events = run.faults, run.events
 
     report = "\n".join(f"{f.kind}: at step {f.at_step}, resumed {f.resumed_step} with {f.world} processes, "
                        f"recovered in {f.recovery_s:.1f} s" for f in faults)
     print(report)
-    assert len(faults) >= 5 and {f.kind for f in faults} == {
+    assert len(faults) >= (5 if repeats else 4) and {f.kind for f in faults} == {
         "worker SIGKILL", "node lost", "SIGTERM (preemption)", "SIGKILL during checkpoint upload"}, report
     assert lost_node.world == 1, report  # the survivor trained alone: the world size changed
+    # Every start of both runs (the survivor's alone included) trained in the mode under test.
+    starts = [e for e in calm_events + events if e.kind == "start"]
+    assert {e.fields["parallel"] for e in starts} == {parallel} and {e.world for e in starts} == {1, 2}, report
     # The preemption came through the preStop hook's flag, with the chart's budget (not torchrun's 30 s).
     assert any(e.kind == "preemption" and e.fields["seconds_left"] > 30 for e in events), report
     for f in faults:
@@ -144,11 +162,11 @@ def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, mo
 
     # The same samples, in the same order, as the uninterrupted run; the same losses.
     rows = consumed(tmp_path / "chaos" / "wandb-local" / "metrics.jsonl")
-    assert sorted(rows) == sorted(calm_rows) == list(range(1, STEPS + 1))
+    assert sorted(rows) == sorted(calm_rows) == list(range(1, steps + 1))
     assert [rows[s]["data/next_sample"] for s in rows] == [calm_rows[s]["data/next_sample"] for s in rows]
-    assert [rows[s]["data/next_sample"] for s in sorted(rows)] == [BATCH * s for s in range(1, STEPS + 1)]
+    assert [rows[s]["data/next_sample"] for s in sorted(rows)] == [BATCH * s for s in range(1, steps + 1)]
     first_alone = min(e.step for e in events if e.kind == "start" and e.world == 1)
-    for s in range(1, STEPS + 1):
+    for s in range(1, steps + 1):
         if s <= first_alone:  # world size 2 all the way: bitwise
             assert rows[s]["train/loss"] == calm_rows[s]["train/loss"], s
         else:
@@ -156,7 +174,7 @@ def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, mo
 
     # Checkpoints made before the world first changed are bitwise the uninterrupted run's; the final one is
     # equal up to float summation order.
-    calm_dir, chaos_dir = "s3://chaos/calm", "s3://chaos/chaos"
+    calm_dir, chaos_dir = f"s3://chaos/{calm_name}", f"s3://chaos/{chaos_name}"
     before = (first_alone // EVERY) * EVERY
     assert before >= EVERY
     a = load_checkpoint(f"{chaos_dir}/checkpoints/step-{before:08d}", endpoint)
@@ -164,6 +182,6 @@ def test_faults_during_training_change_nothing(tiny_files, s3, env, tmp_path, mo
     assert bitwise(a.weights, b.weights) and bitwise(optimizer_tensors(a.optimizer_state),
                                                      optimizer_tensors(b.optimizer_state))
     a, b = load_checkpoint(chaos_dir, endpoint), load_checkpoint(calm_dir, endpoint)
-    assert a.step == b.step == STEPS and a.state["cursor"] == b.state["cursor"] == {"next": BATCH * STEPS}
+    assert a.step == b.step == steps and a.state["cursor"] == b.state["cursor"] == {"next": BATCH * steps}
     assert rel_diff(a.weights, b.weights) < 1e-5
     assert rel_diff(optimizer_tensors(a.optimizer_state), optimizer_tensors(b.optimizer_state)) < 1e-5

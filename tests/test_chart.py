@@ -211,6 +211,29 @@ def test_root_is_read_only_and_every_cache_is_on_a_writable_volume(helm_env, con
             assert cache["emptyDir"]["sizeLimit"] == "100Gi"
 
 
+@pytest.mark.parametrize("model_cache, volume", [
+    ({"hostPath": "/mnt/nvme/lens-models"}, {"hostPath": {"path": "/mnt/nvme/lens-models", "type": "Directory"}}),
+    ({"persistentVolumeClaim": "lens-models"}, {"persistentVolumeClaim": {"claimName": "lens-models"}}),
+    ({}, None),
+])
+def test_model_cache_volume_holds_the_local_copy_of_the_model_mirror(helm_env, config_paths, crd_schema, model_cache,
+                                                                     volume):
+    docs = rendered(config_paths["gemma2_2b"], merge_values(ci_shape("gpu-reference"), {"modelCache": model_cache}))
+    assert check_manifests(docs, crd_schema) == []
+    specs = pod_specs(docs)
+    assert len(specs) == 2  # the workers and the data Job: both load the model
+    for spec in specs:
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        (c,) = spec["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        if volume is None:
+            assert "model-cache" not in volumes and "model-cache" not in mounts
+            continue
+        assert volumes["model-cache"] == {"name": "model-cache", **volume}
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert mounts["model-cache"] == env["LENS_CACHE"] + "/models"  # where lens/models/mirror.py copies it
+
+
 @pytest.mark.parametrize("grace", [45, 110, 600])
 def test_prestop_hook_raises_the_flag_and_waits_for_the_checkpoint(helm_env, config_paths, tmp_path, grace):
     """The trainer's preStop hook, run for real: it writes the flag, returns once the trainer removed it (after its
@@ -318,6 +341,8 @@ def test_dump_job_is_rendered_only_when_activations_come_from_a_dump(helm_env, c
     (["--set", "spot.preset=aws"], "preset"),
     (["--set", "topLevelTypo=1"], "topLevelTypo"),
     (["--set", "run.name=9lives"], "name"),
+    (["--set", "modelCache.hostPath=relative/dir"], "modelCache.hostPath"),
+    (["--set", "modelCache.persistentVolumeClaim=Models_PVC"], "modelCache.persistentVolumeClaim"),
 ])
 def test_values_schema_rejects_misspelled_or_invalid_values(helm_env, args, named):
     proc = template(helm_env, *args)
@@ -336,6 +361,8 @@ def test_values_schema_rejects_misspelled_or_invalid_values(helm_env, args, name
     (["--set", "extraEnv.STRIPE_KEY=x"], "extraEnv.STRIPE_KEY: looks like a credential"),
     (["--set", "extraEnv.PROXY_URL=http://me:pw@proxy:3128"], "extraEnv.PROXY_URL: a URL with user:password@"),
     (["--set", "storage.endpointUrl=http://ak:sk@minio:9000"], "storage.endpointUrl: a URL with user:password@"),
+    (["--set", "modelCache.hostPath=/mnt/models", "--set", "modelCache.persistentVolumeClaim=models"],
+     "modelCache: set hostPath or persistentVolumeClaim, not both"),
 ])
 def test_cross_field_checks_fail_naming_the_key(helm_env, args, message):
     proc = template(helm_env, *args)

@@ -857,22 +857,26 @@ def test_a_rank_failing_its_upload_commits_nothing(tmp_path):
 # The trainer with async saves: training goes on during the upload, and the resume is exact.
 
 
-@pytest.mark.slow
-def test_trainer_with_async_checkpoints_resumes_exactly(tiny_files, tmp_path):
+def _lens_train(tiny_files, tmp_path, name: str, steps: int, *overrides: str, **sections) -> str:
+    """`lens train` of the tiny lens for `steps` steps into tmp_path/name (checkpoint every 2); its output."""
     import yaml
 
     from conftest import tiny_run_config
 
     env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "LENS_CACHE": str(tmp_path / "cache")}
+    cfg = tiny_run_config(tiny_files, "tiny", tmp_path / name, train={"max_steps": steps}, **sections)
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "lens", "train", str(tmp_path / f"{name}.yaml"), *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
+
+@pytest.mark.slow
+def test_trainer_with_async_checkpoints_resumes_exactly(tiny_files, tmp_path):
     def train(name: str, steps: int, *overrides: str) -> str:
-        cfg = tiny_run_config(tiny_files, "async", tmp_path / name, train={"max_steps": steps})
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        proc = subprocess.run([sys.executable, "-m", "lens", "train", str(tmp_path / f"{name}.yaml"), *overrides],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc.stdout + proc.stderr
+        return _lens_train(tiny_files, tmp_path, name, steps, *overrides)
 
     train("sync", 4)
     first = train("async", 2, "train.async_checkpoint=true")
@@ -882,3 +886,18 @@ def test_trainer_with_async_checkpoints_resumes_exactly(tiny_files, tmp_path):
     a, b = load_checkpoint(str(tmp_path / "sync")), load_checkpoint(str(tmp_path / "async"))
     assert a.step == b.step == 4 and a.state == b.state
     _assert_bitwise_equal(a.read(), b.read(), "async vs sync")
+
+
+@pytest.mark.slow
+def test_a_trainable_encoder_base_resumes_exactly(tiny_files, tmp_path):
+    """Its copy's blocks past encoder.layer never get a gradient, so the saved optimizer has no state for them: the
+    resume loads what was saved (not a fresh optimizer's state for every parameter) and continues bitwise."""
+    bases = {"encoder": {"train_base": True}}
+    _lens_train(tiny_files, tmp_path, "straight", 4, **bases)
+    _lens_train(tiny_files, tmp_path, "resumed", 2, **bases)
+    assert "resumed from" in _lens_train(tiny_files, tmp_path, "resumed", 4, **bases)
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "resumed"))
+    never = [n for n in a.weights if n.startswith("encoder.lm.model.layers.3.")]
+    assert never and not set(never) & set(a.optimizer_state["state"])  # no state for what no gradient reached
+    assert a.step == b.step == 4
+    _assert_bitwise_equal(a.read(), b.read(), "resumed vs straight")

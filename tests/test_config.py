@@ -120,6 +120,9 @@ BAD_VALUES = [  # overrides, the key the error must name, what else the line mus
     (["optim.min_lr=0.01"], "optim.min_lr", ["optim.lr"]),
     (["train.micro_batch_size=7"], "train.micro_batch_size", ["train.batch_size (6)"]),
     (["loss.grpo_weight=1", "loss.kl_weight=0.5"], "loss.kl_weight", ["loss.grpo_weight"]),
+    (["model.revision='main branch'"], "model.revision", ["branch, tag or commit"]),
+    (["model.cache=s3://ak:s3cr3t@bucket/models"], "model.cache", ["AWS_ACCESS_KEY_ID"]),
+    (["model.cache=' '"], "model.cache", ["none (no mirror)"]),
 ]
 
 

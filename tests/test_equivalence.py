@@ -123,6 +123,18 @@ def test_one_unpatched_pass_gives_the_target_logits_and_A(lm, contexts):
     assert run.kv[0][0].shape[2] == int(POSITIONS.max()) + 1  # cut after the last position needed
 
 
+def test_unpatched_pass_cuts_each_group_of_rows_after_its_own_last_position(lm, contexts):
+    """Rows run in groups of similar positions, so the pass reads fewer tokens than one forward cut at max(p)."""
+    orig, seen = Orig(lm), []
+    handle = orig.parts.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:2]))
+    try:
+        orig.unpatched(contexts, LAYER, POSITIONS)
+    finally:
+        handle.remove()
+    # [0, 1] to position 1, [11] to 11, [23] to 23: 2 * 2 + 12 + 24 tokens instead of 4 * 24
+    assert sorted(tuple(s) for s in seen) == [(1, 12), (1, 24), (2, 2)]
+
+
 def test_single_position_patched_pass_equals_the_full_context_one_with_its_gradient(lm, contexts):
     orig = Orig(lm)
     run = orig.unpatched(contexts, LAYER, POSITIONS)
@@ -215,3 +227,24 @@ def test_grpo_losses_gradients_and_logged_kl_equal_the_full_context_computation(
     # The advantage divides reward gaps (about 1e-3 between members here) by the group's std, which magnifies
     # float rounding a few hundred times: the policy term agrees to that, not to 1e-5.
     assert (fast["policy"] - full["policy"]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("objective", [
+    {"mse_weight": 1.0, "kl_weight": 1.0, "lm_weight": 0.3},
+    {"grpo_weight": 1.0, "mse_weight": 1.0, "kl_weight": 0.0, "lm_weight": 0.0, "group_size": 3, "grpo_beta": 0.1},
+], ids=["st_gumbel", "grpo"])
+def test_on_the_fly_batch_takes_A_from_the_objectives_own_unpatched_pass(lm, tokenizer, contexts, objective):
+    """A batch without A (on the fly): the objective reads A off its one unpatched pass, and every term, gradient and
+    the returned (A, A_hat) equal those of the same batch with A captured by a separate forward."""
+    lens = LensModel(lens_cfg(loss=objective, decoder={"train_base": True}), lm, tokenizer, act_scale=0.5)
+    captured = ragged_batch(lens, contexts)
+    fast, weights, fast_explained = lens_terms(lens, Batch(contexts, POSITIONS, None, captured.sample_ids), Knobs())
+    full, _, full_explained = lens_terms(lens, captured, Knobs())
+    assert close(fast_explained.A, captured.A) and close(fast_explained.A_hat, full_explained.A_hat)
+    # GRPO's policy term divides reward gaps by the group's std, which magnifies rounding (see the GRPO test above)
+    loose = {"policy"}
+    assert fast.keys() == full.keys()
+    bad = [k for k in full if not close(fast[k], full[k]) and not (k in loose and (fast[k] - full[k]).abs().max() < 1e-3)]
+    assert bad == [], [(k, float((fast[k] - full[k]).abs().max())) for k in bad]
+    for term in (k for k, w in weights.items() if w != 0 and k not in loose):
+        assert_same_grads(grads_of(lens, fast[term]), grads_of(lens, full[term]))

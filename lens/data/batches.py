@@ -33,18 +33,20 @@ class ActivationData:
     def n_train(self) -> int:
         return self.source.n_train
 
-    def batch(self, global_ids: torch.Tensor, held_out: bool = False) -> Batch:
-        """The samples with these global ids (held out: the first n of the validation split), with activations."""
+    def batch(self, global_ids: torch.Tensor, held_out: bool = False, capture: bool = True) -> Batch:
+        """The samples with these global ids (held out: the first n of the validation split), with activations.
+        On the fly with `capture=False`, A is left None: the training objective takes it from its own unpatched pass
+        over the same contexts, so no forward here."""
         fetched = self.source.val_batch(len(global_ids)) if held_out else self.source.lookup(global_ids)
         ids, positions, *acts = (t.to(self.device) if t is not None else None for t in fetched)
         A, A_prime = acts if acts else (None, None)
-        if A is None:
+        if A is None and capture:
             A = self.orig.capture(ids, self.cfg.model.layer, positions)
         prime_ids = None
         if A_prime is not None and self.cfg.loss.resample_ablation and not held_out:
             ctx, pos = self.source.lookup_prime(global_ids)
             prime_ids = ctx[torch.arange(len(pos)), pos].to(self.device)
-        return Batch(ids, positions, A.float(), global_ids.to(self.device),
+        return Batch(ids, positions, None if A is None else A.float(), global_ids.to(self.device),
                      None if A_prime is None else A_prime.float(), prime_ids)
 
     def eval_sets(self, n: int) -> tuple[Batch, Batch]:

@@ -39,7 +39,7 @@ from lens.data.shards import MANIFEST, PLAN, SPLITS, all_shard_keys, check_shard
     manifest_mismatch, read_json, shard_key
 from lens.errors import InputError
 from lens.models.blocks import read_block_output
-from lens.models.hub import DTYPES, load_model
+from lens.models.hub import DTYPES, load_model_for
 from lens.models.orig import Orig
 from lens.storage import Storage, open_storage
 
@@ -103,7 +103,7 @@ def dump(cfg: LensConfig, index: int | None = None, count: int | None = None) ->
     if not cfg.data.on_the_fly:
         storage = open_storage(cfg.data.activations, cfg.storage.endpoint_url)
         storage.check()  # a missing bucket or bad credentials fail now, not after the model has loaded
-    lm, tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
+    lm, tokenizer = load_model_for(cfg)
     d_model = lm.config.hidden_size
     check_against_model(cfg, lm.config.num_hidden_layers, d_model)
     corpus = Corpus.build(cfg.data, tokenizer, cfg.storage.endpoint_url, index, count, build_here=True)

@@ -4,8 +4,9 @@ Parameter counts come from the model's `config.json` with the model built on the
 or downloaded): a local HF folder, the hub cache, or, for the recipes' models when neither has it, the public
 config shipped in `model_configs/`. The plan mirrors what the trainer allocates (lens.train.parallel):
 
-  ddp   every rank: fp32 trainable copies, fp32 gradients (DDP's buckets, for every trainable tensor), AdamW's two
-        fp32 moments (for the tensors that get a gradient), on GPU autocast's bf16 weight copies.
+  ddp   every rank: fp32 trainable copies, fp32 gradients (DDP's buckets, for every trainable tensor, and in the
+        backward the gradients autograd sums over the passes that use a copy before adding them to the buckets),
+        AdamW's two fp32 moments (for the tensors that get a gradient), on GPU autocast's bf16 weight copies.
   fsdp  the fp32 weights, gradients and AdamW moments sharded over the ranks (1/world each); gathered weights in the
         compute dtype (bf16 on GPU): the root (embeddings, heads, projections) for the whole step, the last block
         of each copy until the end of the backward and the block in flight; the unsharded fp32 gradient when
@@ -150,20 +151,25 @@ def plan(cfg: LensConfig, shapes: Shapes, world: int, mode: str, *, gpu: bool = 
     n_patch = s.n_layers if cfg.decoder.patch_layers == -1 else cfg.decoder.patch_layers
     own = (d * d + d) * (1 + (n_patch if cfg.decoder.per_layer_proj else 0)) + (d * d + 2 * d) \
         + d * (_prompt_tokens(cfg.decoder.prompt) + _prompt_tokens(cfg.encoder.prompt))
-    copies, reached = 0, 0  # params of the trainable copies; of those that get gradients
+    copies, reached = 0, []  # params of the trainable copies; of each copy, those that get gradients
     if cfg.decoder.train_base:
         copies += s.total
-        reached += s.total
+        reached.append(s.total)
     if cfg.encoder.train_base:
         copies += s.total
-        reached += s.root + sum(s.blocks[:enc_blocks])
-    trainable, with_grad = copies + own, reached + own
+        reached.append(s.root + sum(s.blocks[:enc_blocks]))
+    trainable, with_grad = copies + own, sum(reached) + own
     n_copies = cfg.decoder.train_base + cfg.encoder.train_base
     roots = trainable - sum(s.blocks) * n_copies
     micro_per_step = math.ceil(math.ceil(cfg.train.batch_size / world) / cfg.train.micro_batch_size)
     if mode == "ddp":
         weights, gradients, optimizer = 4 * trainable, 4 * trainable, 8 * with_grad
         gathered = 2 * trainable if gpu else 0  # autocast's bf16 copies, cached for the forward
+        # In the backward, autograd sums the gradient of a parameter that several passes use (every generated
+        # token, the prompt's cache) in a buffer of its own (in the compute dtype: of autocast's copy on GPU),
+        # added into DDP's bucket after the last pass: one copy's whole gradient at once, plus the newest pass's
+        # part of the largest tensor (an embedding) in fp32.
+        gradients += compute * (max(reached, default=0) + own) + 4 * (s.vocab * d if reached else d * d)
     else:
         weights, gradients, optimizer = 4 * trainable / world, 4 * with_grad / world, 8 * with_grad / world
         # The root for the whole step, the last block of each copy until the end of the backward, one in flight.

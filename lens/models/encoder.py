@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -18,17 +20,20 @@ class Encoder(nn.Module):
     The left prompt is the same for every row: its keys/values are computed once per forward (one row) and
     broadcast."""
 
-    def __init__(self, lm: nn.Module, tokenizer, cfg: EncoderConfig, layer: int):
+    def __init__(self, lm: nn.Module, tokenizer, cfg: EncoderConfig, layer: int,
+                 embed: Callable[[torch.Tensor], torch.Tensor]):
+        """`embed`: token ids -> embeddings as `lm` computes them (`lm` may have no weights yet), where the prompts
+        start."""
         super().__init__()
         self.lm = lm
         self.parts = resolve(lm)
         self.layer = layer
         self.use_current_token = cfg.use_current_token
         d = self.parts.d_model
-        left, right = (ids.to(self.parts.embed.weight.device) for ids in split_prompt(tokenizer, cfg.prompt, "<text>"))
+        left, right = split_prompt(tokenizer, cfg.prompt, "<text>")
         with torch.no_grad():
-            self.prompt_left = nn.Parameter(self.parts.embed_ids(left).float().clone())
-            self.prompt_right = nn.Parameter(self.parts.embed_ids(right).float().clone())
+            self.prompt_left = nn.Parameter(embed(left).float().clone())
+            self.prompt_right = nn.Parameter(embed(right).float().clone())
         self.last = nn.Parameter(torch.zeros(d))
         self.out = identity_linear(d)
 

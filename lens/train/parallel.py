@@ -32,6 +32,18 @@ def resolve_mode(cfg: LensConfig, world: int) -> str:
     return "fsdp" if (cfg.decoder.train_base or cfg.encoder.train_base) and world > 1 else "ddp"
 
 
+def unused_parameters(cfg: LensConfig, model: LensModel) -> bool:
+    """Whether some trainable parameter ends a step without a gradient. DDP must then search every step's graph
+    for such parameters (`find_unused_parameters`: one more autograd traversal per step, and a warning each run
+    when there are none); without it, it waits for their gradients and fails on the next step. Only the encoder
+    leaves parameters out: a trainable copy's blocks past encoder.layer, final norm and LM head never run, and an
+    empty left prompt (encoder.prompt starting with <text>, or with <bos> for a tokenizer without one) is never
+    used. The loss weights cannot (the config requires a reconstruction term, which reaches the encoder, and the
+    decoder is reached through the encoder's input or GRPO's policy term), nor can decoder.patch_layers /
+    per_layer_proj (every slot projection is in the graph: overwritten values get zero gradients)."""
+    return cfg.encoder.train_base or model.encoder.prompt_left.numel() == 0
+
+
 def trainable_bases(cfg: LensConfig, model: LensModel) -> list[tuple[nn.Module, int]]:
     """The trainable model copies, whose blocks FSDP shards one by one, each with the last block it runs."""
     bases = [(model.decoder.lm, model.decoder.parts.n_layers - 1)] if cfg.decoder.train_base else []
@@ -59,19 +71,26 @@ class Parallel:
     """The trainer's handle on data parallelism: the training forward, accumulation, clipping, whole-model calls."""
 
     def __init__(self, cfg: LensConfig, model: LensModel, world: int, device: torch.device):
+        """`model`: built with `deferred=True` (its trainable copies have no weights yet) on the frozen model's
+        device, `device`. FSDP shards the copies as they are (shapes only), then each rank fills only its shards:
+        no rank ever holds a whole fp32 copy. DDP fills the whole copies."""
         self.mode = resolve_mode(cfg, world)
         self.model = model
         self.sync_every_micro_batch = cfg.train.sync_every_micro_batch
         if self.mode == "fsdp":
-            self._shard(cfg, model, world, device)
+            self._shard(cfg, model, world, device)  # moves the rest of the lens (projections, prompts) to `device`
+            model.materialise()
             self._ddp = None
         else:
             from torch.nn.parallel import DistributedDataParallel
 
-            # find_unused_parameters: a trainable base's blocks past encoder.layer never get a gradient.
+            model.materialise()
+            model.to(device)
+
             self._ddp = DistributedDataParallel(
                 _Losses(model), device_ids=[device.index] if device.type == "cuda" else None,
-                forward_sync_buffers=False, find_unused_parameters=True, gradient_as_bucket_view=True)
+                forward_sync_buffers=False, find_unused_parameters=unused_parameters(cfg, model),
+                gradient_as_bucket_view=True)
             self._ddp.register_comm_hook(torch_dist.group.WORLD, _sum_allreduce)
 
     @property

@@ -68,6 +68,9 @@ Cross-field checks the schema cannot express. Each names the bad key; one `fail`
 {{- if include "consistency-lens.urlWithCredentials" .Values.storage.endpointUrl -}}
 {{- $errors = append $errors "storage.endpointUrl: a URL with user:password@; give S3 credentials with secrets.aws.existingSecret (or a ServiceAccount for IRSA)" -}}
 {{- end -}}
+{{- if and .Values.modelCache.hostPath .Values.modelCache.persistentVolumeClaim -}}
+{{- $errors = append $errors "modelCache: set hostPath or persistentVolumeClaim, not both (one volume holds the local copy of the model)" -}}
+{{- end -}}
 {{- if $errors -}}
 {{- fail (printf "\nVALUES VALIDATION:\n%s" (join "\n" $errors)) -}}
 {{- end -}}
@@ -188,6 +191,17 @@ volumes:
   - name: cache
     emptyDir:
       sizeLimit: {{ $v.cacheSize }}
+  {{- with $v.modelCache.hostPath }}
+  - name: model-cache
+    hostPath:
+      path: {{ . | quote }}
+      type: Directory
+  {{- end }}
+  {{- with $v.modelCache.persistentVolumeClaim }}
+  - name: model-cache
+    persistentVolumeClaim:
+      claimName: {{ . | quote }}
+  {{- end }}
 {{- end -}}
 
 {{/*
@@ -273,6 +287,10 @@ volumeMounts:
     mountPath: /tmp
   - name: cache
     mountPath: {{ include "consistency-lens.cacheDir" . }}
+  {{- if or $v.modelCache.hostPath $v.modelCache.persistentVolumeClaim }}
+  - name: model-cache
+    mountPath: {{ include "consistency-lens.modelCacheDir" . }}
+  {{- end }}
 {{- if .trainer }}
 {{- $flag := $v.preemption.preStopFlag }}
 lifecycle:
@@ -311,6 +329,11 @@ W&B run folder of a run whose run.dir is remote; the trainer uploads them to run
 */}}
 {{- define "consistency-lens.cacheDir" -}}
 /var/cache/lens
+{{- end -}}
+
+{{/* $LENS_CACHE/models: where lens keeps its local copy of the model mirror (lens/models/mirror.py). */}}
+{{- define "consistency-lens.modelCacheDir" -}}
+{{ include "consistency-lens.cacheDir" . }}/consistency-lens/models
 {{- end -}}
 
 {{- define "consistency-lens.cacheEnv" -}}
