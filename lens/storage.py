@@ -26,6 +26,7 @@ bucket; ``Storage.check()`` finds them before any work is done.
 from __future__ import annotations
 
 import abc
+import hashlib
 import io
 import os
 import re
@@ -46,6 +47,15 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Local writes go to ".<name>.<random>.tmp" beside the target; a killed writer leaves one behind, never listed.
 _TMP_SUFFIX = ".tmp"
 _TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a local file (a fetched object checked against the digest its manifest records)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):  # hashlib releases the GIL on large updates: files hash in parallel
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:

@@ -184,6 +184,9 @@ UNUSED_CASES = {
     "GRPO, trainable decoder base": ({"decoder": {"train_base": True},
                                       "loss": {"grpo_weight": 1.0, "group_size": 2, "mse_weight": 1.0,
                                                "kl_weight": 0.0, "lm_weight": 0.0}}, False),
+    "GRPO, trainable decoder base, one token": ({"decoder": {"train_base": True, "t_text": 1},
+                                                 "loss": {"grpo_weight": 1.0, "group_size": 2, "mse_weight": 1.0,
+                                                          "kl_weight": 0.0, "lm_weight": 0.0}}, True),
     "trainable encoder base": ({"encoder": {"train_base": True}}, True),  # its blocks past encoder.layer never run
     "empty left prompts": ({"encoder": {"prompt": "<text> means"}, "decoder": {"prompt": "<embed> means"}}, True),
 }

@@ -36,7 +36,7 @@ from lens.config import DataConfig
 from lens.data.shards import read_json
 from lens.data.wait import wait_until
 from lens.errors import InputError
-from lens.storage import LocalStorage, Storage, open_storage
+from lens.storage import LocalStorage, Storage, file_sha256, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class TokenStore:
             os.close(fd)
             try:
                 self.storage.read_file(shard_bin(j), tmp)
-                if _sha256_file(tmp) != sha:
+                if file_sha256(tmp) != sha:
                     raise InputError(f"token shard {self.storage.uri(shard_bin(j))} does not match its digest in "
                                      f"{self.storage.uri(MANIFEST)} (delete {self.storage.uri()} and rerun `lens dump` "
                                      f"with this config to rebuild it)")
@@ -287,14 +287,6 @@ class TokenStore:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         return str(path)
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class SequenceView:

@@ -86,8 +86,9 @@ class LensModel(nn.Module):
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         source = dict(self.orig.lm.named_parameters(remove_duplicate=False))
-        for base in (self.decoder.lm, self.encoder.lm):
-            for name, p in base.named_parameters() if base is not self.orig.lm else ():
+        copies = [base for base in (self.decoder.lm, self.encoder.lm) if base is not self.orig.lm]
+        for base in copies:
+            for name, p in base.named_parameters():
                 if not p.is_meta:  # filled already
                     continue
                 value = source[name].detach()

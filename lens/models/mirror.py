@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import fnmatch
-import hashlib
 import json
 import os
 import secrets
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lens.errors import InputError, RetryableError
-from lens.storage import LocalStorage, Storage
+from lens.storage import LocalStorage, Storage, file_sha256
 
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
@@ -150,7 +149,7 @@ def publish(mirror: Storage, snapshot: Snapshot, name: str, revision: str) -> tu
 
     def put(rel: str) -> tuple[str, dict]:
         path = snapshot.folder / rel
-        entry = {"size": path.stat().st_size, "sha256": sha256(path)}
+        entry = {"size": path.stat().st_size, "sha256": file_sha256(path)}
         mirror.write_file(f"{folder}/{rel}", path)
         return rel, entry
 
@@ -230,7 +229,7 @@ def _fetch(mirror: Storage, manifest: dict, rel: str, path: Path) -> None:
         size = path.stat().st_size
         if size != want["size"]:
             problem = f"{size} bytes, the manifest says {want['size']}"
-        elif sha256(path) != want["sha256"]:
+        elif file_sha256(path) != want["sha256"]:
             problem = "its sha256 differs from the manifest's"
         else:
             return
@@ -249,11 +248,3 @@ def mismatch(folder: Path, manifest: dict) -> tuple[str, str] | None:
         if size != entry["size"]:
             return rel, f"{size} bytes, the manifest says {entry['size']}"
     return None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):  # hashlib releases the GIL on large updates: files hash in parallel
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -38,10 +38,15 @@ def unused_parameters(cfg: LensConfig, model: LensModel) -> bool:
     when there are none); without it, it waits for their gradients and fails on the next step. Only the encoder
     leaves parameters out: a trainable copy's blocks past encoder.layer, final norm and LM head never run, and an
     empty left prompt (encoder.prompt starting with <text>, or with <bos> for a tokenizer without one) is never
-    used. The loss weights cannot (the config requires a reconstruction term, which reaches the encoder, and the
-    decoder is reached through the encoder's input or GRPO's policy term), nor can decoder.patch_layers /
-    per_layer_proj (every slot projection is in the graph: overwritten values get zero gradients)."""
-    return cfg.encoder.train_base or model.encoder.prompt_left.numel() == 0
+    used. In the decoder only GRPO with a trainable copy and one explanation token leaves one out: the sampled
+    token is never read back, so an input embedding not tied to the LM head gets no gradient. The loss weights
+    cannot (the config requires a reconstruction term, which reaches the encoder, and the decoder is reached
+    through the encoder's input or GRPO's policy term), nor can decoder.patch_layers / per_layer_proj (every slot
+    projection is in the graph: overwritten values get zero gradients)."""
+    dec = model.decoder.parts
+    one_sampled_token = cfg.loss.grpo_weight > 0 and cfg.decoder.train_base and cfg.decoder.t_text == 1 \
+        and dec.embed.weight is not dec.lm_head.weight
+    return cfg.encoder.train_base or model.encoder.prompt_left.numel() == 0 or one_sampled_token
 
 
 def trainable_bases(cfg: LensConfig, model: LensModel) -> list[tuple[nn.Module, int]]:
