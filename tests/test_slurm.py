@@ -43,14 +43,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(what: str, check, timeout: float = 120.0, every: float = 0.5):
+def _wait(what: str, check, timeout: float = 120.0, every: float = 0.5, detail=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{detail()}")
 
 
 class Cluster:
@@ -214,10 +214,11 @@ def release(pids: list[int]) -> None:
             pass
 
 
-def start_now_when_requeued(cluster: Cluster, job_id: str, restarts: int) -> None:
+def start_now_when_requeued(cluster: Cluster, job_id: str, restarts: int, log=lambda: "") -> None:
     """A requeued job waits about 2 minutes (BeginTime) before it may start again: start it in 3 s instead (slurmd
     refuses a launch within the second its previous credential was revoked), with the submitted time limit back."""
-    _wait(f"requeue {restarts}", lambda: int(cluster.job(job_id).get("Restarts", 0)) >= restarts, 180)
+    _wait(f"requeue {restarts}", lambda: int(cluster.job(job_id).get("Restarts", 0)) >= restarts, 180,
+          detail=lambda: f"{cluster.job(job_id)}\n{log()}")
     _wait("the job pending again", lambda: cluster.job(job_id)["JobState"] == "PENDING", 120)
     cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={TIME_LIMIT_MIN}")
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3")
@@ -336,7 +337,9 @@ def test_trainer_exit_2_in_the_job_is_not_requeued(workdir, cluster, tiny_files)
 @pytest.mark.slow
 def test_preempted_by_requeue_and_by_the_time_limit_signal_resumes_like_an_uninterrupted_run(
         workdir, cluster, tiny_files):
-    train = {"max_steps": 12, "checkpoint_every": 3, "keep_checkpoints": 20}
+    # A tiny step takes ~20 ms: enough steps that the test's hold (polled) lands well before the last one, which
+    # would save and exit 0 whatever notice came with it.
+    train = {"max_steps": 120, "checkpoint_every": 5, "keep_checkpoints": 30}
     (workdir / "cluster.yaml").write_text(yaml.safe_dump({"time": str(TIME_LIMIT_MIN), "signal_s": SIGNAL_S}))
     # The uninterrupted run: the same job, alongside (one CPU each).
     reference_id = job_id_of(submit(str(write_config(workdir, tiny_files, "reference", train=train)),
@@ -348,22 +351,24 @@ def test_preempted_by_requeue_and_by_the_time_limit_signal_resumes_like_an_unint
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["name"] == "preempted"
 
     # 1. Slurm preempts it: `scontrol requeue` SIGTERMs the steps; the trainer saves at its step boundary.
-    _wait("step 4", lambda: steps_logged(run_dir) >= 4, 300)
+    _wait("step 4", lambda: steps_logged(run_dir) >= 4, 300, every=0.05)
     held = hold(job_config)
     assert cluster.run("scontrol", "requeue", job_id).returncode == 0
     release(held)
-    start_now_when_requeued(cluster, job_id, 1)
+    start_now_when_requeued(cluster, job_id, 1, log=lambda: output(workdir, "preempted", job_id))
 
     # 2. The notice before the time limit: a limit that leaves less than signal_s reaches the batch shell.
     _wait("the requeued job to train", lambda: "SLURM_RESTART_COUNT=1" in output(workdir, "preempted", job_id)
-          and steps_logged(run_dir) >= 8, 300)
+          and steps_logged(run_dir) >= 8, 300, every=0.05)
     held = hold(job_config)
-    # A whole-minute limit at least 60 s away (slurmctld acts on it within 30 s) but less than SIGNAL_S away.
-    limit_min = -(-(seconds(cluster.job(job_id)["RunTime"]) + 60) // 60)
+    # A whole-minute limit at least 120 s away but less than SIGNAL_S away: slurmctld sends the notice within 30 s,
+    # which leaves the held trainer 90 s or more to save and the script to requeue before the limit ends the job.
+    limit_min = -(-(seconds(cluster.job(job_id)["RunTime"]) + 120) // 60)
     assert cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit_min}").returncode == 0
-    _wait("the --signal notice", lambda: output(workdir, "preempted", job_id).count("[slurm] SIGTERM") >= 2, 120)
+    _wait("the --signal notice", lambda: "[slurm] SIGTERM" in
+          output(workdir, "preempted", job_id).split("SLURM_RESTART_COUNT=1", 1)[1], 120)
     release(held)
-    start_now_when_requeued(cluster, job_id, 2)
+    start_now_when_requeued(cluster, job_id, 2, log=lambda: output(workdir, "preempted", job_id))
 
     job = final_state(cluster, job_id)
     out = output(workdir, "preempted", job_id)
@@ -381,7 +386,7 @@ def test_preempted_by_requeue_and_by_the_time_limit_signal_resumes_like_an_unint
 
     assert per_step(run_dir) == per_step(workdir / "reference")
     got, want = load_checkpoint(str(run_dir)), load_checkpoint(str(workdir / "reference"))
-    assert got.step == want.step == 12
+    assert got.step == want.step == 120
     assert sorted(got.weights) == sorted(want.weights)
     assert all(torch.equal(got.weights[k], want.weights[k]) for k in want.weights)
 
