@@ -9,8 +9,8 @@ Prints three labelled ratios:
                    (goal <= 1.1: memory does not grow with the corpus)
   tokenize ratio   token-store build throughput / the tokenizer's own batched encoding of the same documents in
                    this process (goal >= 0.8: the store adds little to the tokenizer)
-  layers speedup   three single-layer `lens dump`s / one `lens dump` with `data.layers` of those 3 layers
-                   (goal >= 2.5; the early-exit ideal is sum(layer + 1) / (deepest + 1))
+  layers speedup   three single-layer `lens dump`s / one `lens dump` with `data.layers` of those 3 layers, medians
+                   of 3 runs each (goal >= 2.5; the early-exit ideal is sum(layer + 1) / (deepest + 1))
 The two throughput figures count this process's CPU time (all its threads), so other load on a shared machine
 does not skew them.
 
@@ -133,8 +133,10 @@ def tokenize_ratio(work: Path, corpus: Path, tokenizer) -> tuple[float, float, i
     return n / t_store, n / t_bare, n
 
 
-def layers_speedup(work: Path, corpus: Path, tokenizer, n_layers: int, layers: list[int]) -> tuple[float, float]:
-    """(CPU seconds of three single-layer dumps, of one dump of all three layers), the token store prebuilt."""
+def layers_speedup(work: Path, corpus: Path, tokenizer, n_layers: int, layers: list[int],
+                   repeats: int = 3) -> tuple[float, float]:
+    """(CPU seconds of three single-layer dumps, of one dump of all three layers), the token store prebuilt. Each
+    dump runs `repeats` times, round robin so that other load slows all alike; the medians are compared."""
     from lens.data.dump import dump
 
     model = work / "dump-model"
@@ -149,8 +151,12 @@ def layers_speedup(work: Path, corpus: Path, tokenizer, n_layers: int, layers: l
         return time.process_time() - start
 
     one("warm", layers=[0])  # builds the token store and warms the caches; not timed
-    singles = sum(one(f"single-{layer}", layers=[layer]) for layer in layers)
-    return singles, one("multi", layers=layers)
+    runs = {tuple(c): [] for c in [[layer] for layer in layers] + [layers]}
+    for r in range(repeats):
+        for c, seconds in runs.items():
+            seconds.append(one(f"dump-{'-'.join(map(str, c))}-{r}", layers=list(c)))
+    median = {c: sorted(s)[len(s) // 2] for c, s in runs.items()}
+    return sum(median[(layer,)] for layer in layers), median[tuple(layers)]
 
 
 def main() -> None:

@@ -1,5 +1,3 @@
-import sys
+from lens.cli import run
 
-from lens.cli import main
-
-sys.exit(main())
+run()

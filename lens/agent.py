@@ -6,27 +6,25 @@ in this process (it stays the agent: the pod's process tree is unchanged) and ad
 
 - a `lens train|dump CONFIG [key=value ...]` entrypoint's config is validated here first: bad input exits 2 with one
   line before any worker starts;
-- a worker that exits 2 later (a damaged weights file) writes its line to `LENS_INPUT_ERROR_FILE`; this then stops
-  torchrun as a SIGTERM would, instead of letting it restart workers that would fail alike, and exits 2;
+- a worker that exits 2 later (a damaged weights file) writes its line to `LENS_INPUT_ERROR_FILE` and stops this
+  agent (`stop_agent`) before it exits, instead of letting torchrun restart workers that would fail alike; this
+  then exits 2;
 - every other failure exits 128 or above (`EXIT_RETRYABLE`, or 128 + the signal that stopped torchrun), which the
   operator's `restartPolicy: ExitCode` retries, where torchrun's own 1 would read as permanent.
 """
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
 import signal
 import tempfile
-import threading
 from pathlib import Path
 
 from lens.errors import EXIT_INPUT, EXIT_OK, EXIT_RETRYABLE
 
 log = logging.getLogger("lens.agent")
 
-POLL_S = 0.5  # how often the agent looks for a worker's bad-input line
 LENS_COMMANDS = ("train", "dump")
 
 
@@ -48,15 +46,12 @@ def run(argv: list[str]) -> int:
         load_config(entry[1], entry[2])  # an InputError here: exit 2, no worker started
     with tempfile.TemporaryDirectory(prefix="lens-agent-") as tmp:
         marker = Path(tmp) / "input-error"
-        os.environ["LENS_INPUT_ERROR_FILE"] = str(marker)  # the workers inherit it
-        stop = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(marker, stop), daemon=True)
-        watcher.start()
+        os.environ.update(LENS_INPUT_ERROR_FILE=str(marker), LENS_AGENT_PID=str(os.getpid()))  # workers inherit
         try:
             code = _torchrun(argv)
         finally:
-            stop.set()
-            os.environ.pop("LENS_INPUT_ERROR_FILE", None)
+            for name in ("LENS_INPUT_ERROR_FILE", "LENS_AGENT_PID"):
+                os.environ.pop(name, None)
         if marker.exists():
             log.error("a worker exited %d (bad input, its line is above): not restarting it", EXIT_INPUT)
             return EXIT_INPUT
@@ -82,9 +77,11 @@ def _torchrun(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def _watch(marker: Path, stop: threading.Event) -> None:
-    """Once a worker has written its bad-input line, stop torchrun the way SIGTERM does (it stops its workers)."""
-    while not stop.wait(POLL_S):
-        if marker.exists() and callable(signal.getsignal(signal.SIGTERM)):  # torchrun's handler is installed
-            _thread.interrupt_main(signal.SIGTERM)  # runs it in the main thread, as a real SIGTERM would
-            return
+def stop_agent() -> None:
+    """From a worker: SIGTERM its `lens torchrun` agent, which then stops its workers and exits 128 + 15 without
+    restarting them or joining another rendezvous. Sent before the worker exits, as torchrun acts on an exit
+    first (a restart, or a new round whose other members then wait for this pod: it is going away). Does nothing
+    under another launcher, or once the agent is gone (the parent is then some other process)."""
+    agent = int(os.environ.get("LENS_AGENT_PID", "0"))
+    if agent and agent == os.getppid():
+        os.kill(agent, signal.SIGTERM)

@@ -14,8 +14,9 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
+from lens.agent import stop_agent
 from lens.errors import EXIT_INPUT, EXIT_RETRYABLE, InputError, RetryableError
 
 if TYPE_CHECKING:
@@ -254,19 +255,32 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RETRYABLE
 
 
+def run() -> NoReturn:
+    """The `lens` command: `main()`, then exit with its code; a command that may have run a process group (it
+    imported lens.train.dist) leaves through `lens.train.dist.exit_process`, which says why."""
+    code = main()
+    if "lens.train.dist" in sys.modules:
+        from lens.train.dist import exit_process
+
+        exit_process(code)
+    sys.exit(code)
+
+
 def report_input_error(line: str) -> None:
     """The one stderr line of an exit 2; under `lens torchrun` also handed to the agent (`LENS_INPUT_ERROR_FILE`),
-    which then stops at once instead of restarting workers that will fail again."""
+    which this stops: it then exits 2 at once instead of restarting workers that will fail again."""
     line = " ".join(line.split())
     print(line, file=sys.stderr)
     marker = os.environ.get("LENS_INPUT_ERROR_FILE")
-    if marker:
-        try:
-            with open(marker, "x") as f:  # the first rank's line wins
-                f.write(line + "\n")
-        except OSError:
-            pass
+    if not marker:
+        return
+    try:
+        with open(marker, "x") as f:  # the first rank's line wins; that rank stops the agent
+            f.write(line + "\n")
+    except OSError:
+        return
+    stop_agent()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -209,7 +209,8 @@ class LossConfig:
             for name in ("kl_weight", "lm_weight", "entropy_weight"):  # GRPO's decoder loss is the policy term
                 if getattr(self, name) > 0:
                     raise ConfigError(f"loss.{name}", getattr(self, name), "0 with loss.grpo_weight > 0 (GRPO trains "
-                                      "the decoder by the policy term and loss.grpo_beta only; the term is still logged)")
+                                      "the decoder by the policy term and loss.grpo_beta only; the term is still "
+                                      "logged)")
 
 
 @dataclass
@@ -411,7 +412,8 @@ class LensConfig:
                               f"an integer <= train.batch_size ({self.train.batch_size})")
         if self.loss.grpo_weight == 0 and self.loss.kl_weight + self.loss.mse_weight == 0:
             raise ConfigError("loss", "kl_weight=0, mse_weight=0, grpo_weight=0",
-                              "at least one reconstruction term: loss.kl_weight, loss.mse_weight or loss.grpo_weight > 0")
+                              "at least one reconstruction term: loss.kl_weight, loss.mse_weight or "
+                              "loss.grpo_weight > 0")
 
     @property
     def encoder_layer(self) -> int:

@@ -71,7 +71,36 @@ def randint(keys: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | in
     return low + (uniform(keys) * span).floor().to(torch.int64).clamp(max=span - 1)
 
 
-def permutation(n: int, *parts: int) -> torch.Tensor:
-    """A permutation of range(n) determined by the key parts (argsort of keyed random numbers)."""
-    keys = key(*parts, torch.arange(n, dtype=torch.int64))
-    return torch.argsort(mix(keys))
+class Permutation:
+    """A keyed permutation of range(n), evaluated per index: `perm(i)` maps an int64 tensor of indices to their
+    images. Nothing of size n is built (a 10-billion-token corpus has ~10^8 sequences: an argsort would hold GBs on
+    every rank), so memory follows the batch, not the corpus. A balanced Feistel network over the smallest domain of
+    2^(2h) >= n values, with cycle walking (re-apply until the value is below n, a bijection of range(n) since it
+    follows the domain permutation's cycles); the round function is `mix` keyed per round."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, *parts: int):
+        if n < 1:
+            raise ValueError(f"a permutation of range({n}) is empty")
+        self.n = n
+        self.half = max(1, ((n - 1).bit_length() + 1) // 2)
+        self.mask = (1 << self.half) - 1
+        self.round_keys = [int(key(*parts, r)) for r in range(self.ROUNDS)]
+
+    def _feistel(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = x >> self.half, x & self.mask  # x < 2^(2h) <= 2^62: non-negative, so >> is logical
+        for k in self.round_keys:
+            left, right = right, left ^ (mix(right + k) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        index = torch.as_tensor(index, dtype=torch.int64)
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.n):
+            raise IndexError(f"permutation index out of range [0, {self.n})")
+        x = self._feistel(index)
+        outside = x >= self.n
+        while outside.any():  # fewer than 4 rounds expected: the domain is below 4 n
+            x[outside] = self._feistel(x[outside])
+            outside = x >= self.n
+        return x

@@ -708,6 +708,7 @@ _RANKS = textwrap.dedent(
     from torch.distributed.fsdp import fully_shard
     from lens.storage import open_storage
     from lens.train.checkpoint import CheckpointManager, apply_training_state, training_state
+    from lens.train.dist import exit_process, shutdown
 
     mode, run, out = sys.argv[1], sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo")
@@ -772,7 +773,8 @@ _RANKS = textwrap.dedent(
         except Exception as e:
             print(f"rank {rank} save failed: {type(e).__name__}: {e}".splitlines()[0], flush=True)
             sys.exit(3)
-    dist.destroy_process_group()
+    shutdown(finished=True)
+    exit_process(0)
     """
 )
 

@@ -3,6 +3,8 @@ streamed, split over workers, killed and resumed), positions, the sample cursor.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,9 +24,11 @@ from transformers import PreTrainedTokenizerFast
 from lens import rng
 from lens.config import DataConfig
 from lens.data import corpus as corpus_mod
+from lens.data import tokens
 from lens.data.corpus import Corpus, first_real_token, load_texts, sample_positions, token_stream, tokenize
-from lens.data.source import OnTheFlySource, SampleCursor, split_for_rank
+from lens.data.source import EpochOrder, OnTheFlySource, SampleCursor, split_for_rank
 from lens.errors import ConfigError
+from lens.storage import LocalStorage
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -269,6 +273,29 @@ def test_token_store_shards_are_fixed_length_rows_read_by_global_index(tok, stdl
     assert sum(n for n, _ in shards) >= 50 > sum(n for n, _ in shards[:-1])
 
 
+def test_a_capped_token_store_reads_each_shard_info_once(tok, stdlib, tmp_path):
+    # The cap is checked after every shard, and a capped recipe has thousands of shards: each check must read only
+    # the shards published since the last one, not all of them again.
+    path = _write_txt(tmp_path / "c.txt", stdlib[:300])
+    data = DataConfig(corpus=path, seq_len=16, token_shard_docs=4)
+    assert tokens.build(data, tok, LocalStorage(tmp_path / "whole"))
+    whole = json.loads((tmp_path / "whole" / tokens.MANIFEST).read_text())
+    reads = collections.Counter()
+
+    class CountingStorage(LocalStorage):
+        def read_bytes(self, key):
+            data = super().read_bytes(key)
+            reads[key] += 1  # reads that found the object (a check before a shard is published finds nothing)
+            return data
+
+    capped = dataclasses.replace(data, max_sequences=whole["sequences"] - 1)  # reached by the last shard
+    assert tokens.build(capped, tok, CountingStorage(tmp_path / "capped"))
+    manifest = json.loads((tmp_path / "capped" / tokens.MANIFEST).read_text())
+    assert manifest["shards"] == whole["shards"] and len(whole["shards"]) > 50
+    infos = {key: n for key, n in reads.items() if key.startswith("shards/")}
+    assert len(infos) == len(whole["shards"]) and set(infos.values()) == {1}, sorted(infos.items())[:3]
+
+
 def test_an_undecodable_corpus_file_is_named(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("LENS_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "docs"
@@ -432,6 +459,18 @@ def test_every_sequence_once_per_epoch_across_boundaries(source):
     positions = torch.tensor([p for _, p in samples])
     assert positions.min() >= 1 + 2 and positions.max() <= SEQ - 1
     assert source.steps_per_epoch(6) == 2 and source.steps_per_epoch(10) == 1 and source.steps_per_epoch(3) == 4
+
+
+def test_epoch_order_of_a_corpus_too_large_to_list_reads_only_the_batch():
+    """The order of 10^11 sequences (nothing of that size could be allocated): a batch straddling two epochs gets
+    distinct in-range rows of each, and the same rows looked up again."""
+    n = 10**11
+    order = EpochOrder(n, seed=0)
+    ids = torch.arange(n - 4, n + 4)
+    rows = order.rows(ids)
+    assert rows.min() >= 0 and rows.max() < n
+    assert len(set(rows[:4].tolist())) == 4 and len(set(rows[4:].tolist())) == 4
+    assert torch.equal(rows, EpochOrder(n, seed=0).rows(ids))
 
 
 def test_val_batch_is_fixed_and_cycles(source):

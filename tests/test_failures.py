@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -413,3 +414,73 @@ def test_unreachable_hub_is_retryable(work: Work):
                           cwd=work.root, env=env, capture_output=True, text=True, timeout=300)
     assert is_retryable(proc.returncode), (proc.returncode, proc.stderr[-3000:])
     assert "unreachable" in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+
+
+_EXIT_WITH_A_GLOO_WORKER_BUSY = textwrap.dedent("""
+    # A process group's last collective completes in a gloo worker thread while the main thread holds the GIL, the
+    # group stays referenced after destroy_process_group (as FSDP's and DTensor's caches hold it), and the process
+    # exits 2: the worker frees the collective's tensors, which needs the GIL, only once the main thread is exiting.
+    import sys, time, torch, torch.distributed as dist
+    from lens.train import dist as lens_dist
+
+    lens_dist.init()
+    group = dist.group.WORLD
+    sys.setswitchinterval(1000.0)  # the main thread keeps the GIL until it blocks
+    dist.all_gather([torch.empty(1000)], torch.ones(1000), async_op=True)
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:  # the collective completes meanwhile; its worker waits for the GIL
+        pass
+    dist.destroy_process_group()
+    if sys.argv[1] == "exit_process":
+        lens_dist.exit_process(2)
+    sys.exit(2)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("leave", ["exit_process", "sys.exit"])
+def test_a_rank_keeps_its_exit_code_with_a_gloo_worker_still_busy(tmp_path, leave):
+    """What a rank exits with (0, 2, a preemption's 128 + n) is what torchrun and the operator act on. Python's own
+    exit races gloo's worker threads: CPython ends a thread that wants the GIL during finalization with a forced
+    unwind, through a destructor that may not throw, and the process aborts (SIGABRT). `exit_process` leaves before
+    finalization. The `sys.exit` case is the control that shows this test reaches the race: should it exit 2, the
+    pinned torch no longer aborts there and `exit_process` could become a plain exit."""
+    script = tmp_path / "busy.py"
+    script.write_text(_EXIT_WITH_A_GLOO_WORKER_BUSY)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), leave], env=env, capture_output=True, text=True, timeout=120)
+    if leave == "exit_process":
+        assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    else:
+        assert proc.returncode == -signal.SIGABRT, (proc.returncode, proc.stderr[-3000:])
+        assert "terminate called without an active exception" in proc.stderr, proc.stderr[-3000:]
+
+
+_LENS_COMMAND = textwrap.dedent("""
+    import atexit, sys
+    from lens.cli import run
+
+    class Finalized:
+        def __del__(self):
+            print("interpreter finalized", flush=True)
+
+    keep = Finalized()  # a module global: its __del__ runs only in the interpreter's finalization
+    atexit.register(print, "atexit handlers ran")
+    sys.argv = ["lens", *sys.argv[1:]]
+    run()
+""")
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_the_lens_command_leaves_through_exit_process_after_training_code(tmp_path, command):
+    """The `lens` command (lens.cli.run) exits without the interpreter's finalization once the command imported
+    the training code (`lens train`, even one that stops at a bad config, may have run a process group), with its
+    exit code, its atexit handlers run and its output flushed; other commands (`lens eval`) exit as Python does."""
+    script = tmp_path / "command.py"
+    script.write_text(_LENS_COMMAND)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), command, str(tmp_path / "missing")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "missing" in proc.stderr, (proc.returncode, proc.stderr[-3000:])
+    assert "atexit handlers ran" in proc.stdout, proc.stdout
+    assert ("interpreter finalized" in proc.stdout) == (command == "eval"), proc.stdout

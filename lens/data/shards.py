@@ -15,7 +15,7 @@ A shard holds `A.<L>` (n, d) in the model dtype for each dumped layer L (`data.l
 gives another value for any of them is refused with exit 2 naming the field (`check_manifest`).
 
 Training draws global sample g exactly as `OnTheFlySource` does: epoch g // N, entry g % N of the seeded permutation
-`rng.permutation(N, seed, rng.PERMUTATION, epoch)`. So the cursor logic (`SampleCursor`, `split_for_rank`) is
+`rng.Permutation(N, seed, rng.PERMUTATION, epoch)`. So the cursor logic (`SampleCursor`, `split_for_rank`) is
 shared, and a resumed or resized job reads exactly the next unseen samples.
 """
 

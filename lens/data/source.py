@@ -2,7 +2,7 @@
 
 Training draws samples by **global sample index** g = 0, 1, 2, ... counted from the start of training across epochs.
 With N training sequences, g belongs to epoch e = g // N and is entry i = g % N of that epoch's seeded permutation
-`rng.permutation(N, seed, rng.PERMUTATION, e)`; its explained position is drawn from the key
+`rng.Permutation(N, seed, rng.PERMUTATION, e)`; its explained position is drawn from the key
 `(seed, rng.POSITION, g)`. So sample g is a pure function of (seed, g, corpus): it does not depend on the number of
 ranks, the batch it falls in, or how often the job restarted. The cursor only has to remember the next g.
 
@@ -48,11 +48,11 @@ def split_for_rank(global_ids: torch.Tensor, rank: int, world: int) -> torch.Ten
 
 class EpochOrder:
     """Which training sequence each global sample index reads: entry g % N of epoch g // N's seeded permutation.
-    Shared by the on-the-fly and the dumped sources, so both walk the data in the same order."""
+    Shared by the on-the-fly and the dumped sources, so both walk the data in the same order. Permutations are
+    evaluated per index (`rng.Permutation`): memory does not grow with N."""
 
     def __init__(self, n_train: int, seed: int):
         self.n_train, self.seed = n_train, seed
-        self._perms: dict[int, torch.Tensor] = {}  # epoch -> permutation; a batch spans at most a few epochs
 
     def rows(self, global_ids: torch.Tensor) -> torch.Tensor:
         """(n,) global sample indices -> (n,) training sequence indices. A batch may straddle epochs."""
@@ -60,15 +60,8 @@ class EpochOrder:
         rows = torch.empty_like(global_ids)
         for e in epochs.unique().tolist():
             here = epochs == e
-            rows[here] = self._permutation(e)[index[here]]
+            rows[here] = rng.Permutation(self.n_train, self.seed, rng.PERMUTATION, e)(index[here])
         return rows
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # training moves forward: keep only the newest epochs
-                del self._perms[min(self._perms)]
-            self._perms[epoch] = rng.permutation(self.n_train, self.seed, rng.PERMUTATION, epoch)
-        return self._perms[epoch]
 
 
 class OnTheFlySource:

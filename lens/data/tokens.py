@@ -126,6 +126,7 @@ def build(data: DataConfig, tokenizer: PreTrainedTokenizerBase, storage: Storage
         return True
     dtype = np.dtype(plan["dtype"]).newbyteorder("<")
     docs = iter_texts(data.corpus, data.text_field)
+    published = _PublishedPrefix(storage, data.max_sequences)
     written = 0
     for j in itertools.count():
         chunk = list(itertools.islice(docs, data.token_shard_docs))
@@ -142,9 +143,9 @@ def build(data: DataConfig, tokenizer: PreTrainedTokenizerBase, storage: Storage
             written += 1
             log.info("token store: shard %d: %d sequences of %d documents -> %s", j, len(rows), len(chunk),
                      storage.uri(shard_bin(j)))
-        if data.max_sequences is not None and _prefix(storage, data.max_sequences) is not None:
+        if data.max_sequences is not None and published.reached() is not None:
             break  # the cap is reached by shards already published: no later shard belongs to the store
-    return _finish(storage, plan, j, written)  # j: the shards the stream yields, when it ran to its end
+    return _finish(storage, plan, j, written, published)  # j: the shards the stream yields, when it ran to its end
 
 
 def _claim(storage: Storage, plan: dict) -> bool:
@@ -160,28 +161,35 @@ def _claim(storage: Storage, plan: dict) -> bool:
     return False
 
 
-def _prefix(storage: Storage, cap: int) -> list[dict] | None:
-    """Infos of the shortest run of shards 0, 1, ... all published whose sequences reach `cap`, else None."""
-    infos, total = [], 0
-    present = set(storage.list("shards"))
-    for j in itertools.count():
-        if shard_info(j) not in present:
-            return None
-        infos.append(json.loads(storage.read_bytes(shard_info(j))))
-        total += infos[-1]["sequences"]
-        if total >= cap:
-            return infos
+class _PublishedPrefix:
+    """Shards 0, 1, ... published so far, each shard's info read once (a capped store of thousands of shards is
+    checked after every shard, so rereading them all each time would cost a quadratic number of reads)."""
+
+    def __init__(self, storage: Storage, cap: int | None):
+        self.storage, self.cap, self.infos, self.total = storage, cap, [], 0
+
+    def reached(self, n_shards: int | None = None) -> list[dict] | None:
+        """Infos of the shortest run of published shards 0, 1, ... whose sequences reach the cap, or of the first
+        `n_shards` (all the stream yields) when they are published first; None while neither is."""
+        while not self.capped and (n_shards is None or len(self.infos) < n_shards):
+            info = read_json(self.storage, shard_info(len(self.infos)))
+            if info is None:
+                return None
+            self.infos.append(info)
+            self.total += info["sequences"]
+        return self.infos if self.capped else self.infos[:n_shards]
+
+    @property
+    def capped(self) -> bool:
+        return self.cap is not None and self.total >= self.cap
 
 
-def _finish(storage: Storage, plan: dict, n_shards: int, written: int) -> bool:
+def _finish(storage: Storage, plan: dict, n_shards: int, written: int, published: _PublishedPrefix) -> bool:
     """Write the manifest when every shard of the store is published. True when the store is complete."""
-    infos = _prefix(storage, plan["max_sequences"]) if plan["max_sequences"] is not None else None
+    infos = published.reached(n_shards)
     if infos is None:
-        present = set(storage.list("shards"))
-        if any(shard_info(j) not in present for j in range(n_shards)):
-            log.info("token store: this worker wrote %d shards; others still missing in %s", written, storage.uri())
-            return False
-        infos = [json.loads(storage.read_bytes(shard_info(j))) for j in range(n_shards)]
+        log.info("token store: this worker wrote %d shards; others still missing in %s", written, storage.uri())
+        return False
     manifest = {**plan, "shards": [[i["sequences"], i["sha256"]] for i in infos],
                 "sequences": sum(i["sequences"] for i in infos)}
     if read_json(storage, MANIFEST) is None:

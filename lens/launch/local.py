@@ -398,6 +398,8 @@ class WorkerGroup:
         pod is gone."""
         node = self.nodes[rank]
         start = time.monotonic()
+        with self.lock:
+            node.back_at = math.inf  # terminating: its exit (the trainer ends once it saved) is no crash to restart
         self.runner.say(f"worker-{rank}", "preemption: running the preStop hook, then SIGTERM")
         if node.pod.pre_stop:
             try:

@@ -17,7 +17,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-_BLOCK_LISTS = ("model.layers", "transformer.h", "model.language_model.layers", "gpt_neox.layers", "model.decoder.layers")
+_BLOCK_LISTS = ("model.layers", "transformer.h", "model.language_model.layers", "gpt_neox.layers",
+                "model.decoder.layers")
 
 
 @dataclass
@@ -49,12 +50,29 @@ class LMParts:
         """Input embeddings of token ids, exactly as the model's own embedding module makes them."""
         return self.embed(ids)
 
-    def embed_soft(self, weights: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of distributions over the vocabulary (..., V) -> (..., d), e.g. straight-through one-hots.
+    def embed_straight_through(self, ids: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        """Straight-through embeddings: the forward value is `embed_ids(ids)` (the one-hot sample's embedding), the
+        gradient reaches `soft` (..., V) as if the embeddings were `soft @ W` (times Gemma's scale). The same as
+        embedding `one_hot - soft.detach() + soft` through the matrix, without the (..., V) x (V, d) product in the
+        forward: at a 50k vocabulary that product costs as much as a block."""
+        return _SoftGradient.apply(self.embed(ids), soft, self.embed.weight, self.embed_scale)
 
-        Matches `embed_ids` on one-hots, including Gemma's scale inside its embedding module."""
-        w = self.embed.weight
-        return (weights.to(w.dtype) @ w) * self.embed_scale
+
+class _SoftGradient(torch.autograd.Function):
+    """Identity on `value`; d/d`soft` = grad @ W^T * scale (what `soft @ W * scale` would get). The weight's own
+    gradient comes through `value` (the embedding lookup), as it would from the one-hot row."""
+
+    @staticmethod
+    def forward(ctx, value, soft, weight, scale):
+        ctx.save_for_backward(weight)
+        ctx.scale, ctx.soft_dtype = scale, soft.dtype
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        grad_soft = (grad.to(weight.dtype) @ weight.t()) * ctx.scale if ctx.needs_input_grad[1] else None
+        return grad, None if grad_soft is None else grad_soft.to(ctx.soft_dtype), None, None
 
 
 def block_list(lm: nn.Module) -> nn.ModuleList:

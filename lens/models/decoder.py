@@ -129,8 +129,7 @@ class Decoder(nn.Module):
             else:
                 soft = torch.softmax((logits_t + noise) / tau, dim=-1)
                 id_t = soft.argmax(dim=-1)
-                one_hot = torch.nn.functional.one_hot(id_t, soft.shape[-1]).to(soft.dtype)
-                emb_t = self.parts.embed_soft(one_hot - soft.detach() + soft).float()
+                emb_t = self.parts.embed_straight_through(id_t, soft).float()
             ids.append(id_t)
             inputs.append(emb_t.unsqueeze(1))
             logits.append(logits_t)

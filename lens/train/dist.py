@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -89,6 +92,30 @@ def barrier() -> None:
     dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group. `finished`: every rank got here without error, so they first meet at a barrier (a
+    rank that leaves while a peer still works with the group fails that peer's collective); after an error the
+    others may never arrive, so no barrier then. The process itself ends through `exit_process`."""
     if dist.is_initialized():
+        if finished:
+            barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that ran a process group with exit `code`, skipping the interpreter's finalization.
+
+    destroy_process_group does not stop gloo's worker threads while FSDP's and DTensor's caches still hold the group,
+    and such a thread frees the tensors of its last collective (which needs the GIL) a moment after the collective
+    completed. If that moment falls in finalization, CPython ends the thread with a forced unwind through a noexcept
+    destructor and the process aborts ("terminate called without an active exception", SIGABRT): a finished rank,
+    a bad-input exit 2 or a preemption's 128 + n would then read as a crash that torchrun restarts. So, like
+    multiprocessing's workers, leave through os._exit once what the process says is out: atexit handlers run
+    (logging, W&B) and the standard streams are flushed; a thread still running ends with the process."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing more can be said
+            pass
+    os._exit(code)

@@ -354,8 +354,11 @@ class _Progress:
 
 def train(cfg: LensConfig) -> dict:
     """Train (or continue training) the lens described by `cfg`; returns the final held-out metrics."""
+    finished = False
     try:
-        return Trainer(cfg).fit()
+        metrics = Trainer(cfg).fit()
+        finished = True
+        return metrics
     finally:
-        dist.shutdown()
+        dist.shutdown(finished)
 

@@ -17,6 +17,7 @@ import os
 import signal
 import time
 
+from lens.agent import stop_agent
 from lens.errors import RetryableError
 from lens.train import dist
 
@@ -42,6 +43,7 @@ class PreemptionNotice:
             flag_budget_s = float(os.environ.get("LENS_PREEMPT_GRACE_S") or SIGTERM_BUDGET_S)
         self.flag_budget_s = flag_budget_s
         self.deadline: float | None = None  # time.monotonic() by which a preemption checkpoint must be saved
+        self.flagged = False  # this pod's preStop hook wrote the flag: its agent has no signal yet (see `consume`)
         self.exit_code = EXIT_CODE
         if self.flag_file:  # /dev/shm outlives a container restart inside the pod: a flag found now is stale
             self.consume()
@@ -67,6 +69,7 @@ class PreemptionNotice:
             written = os.stat(self.flag_file).st_mtime
         except FileNotFoundError:
             return
+        self.flagged = True
         age = max(0.0, time.time() - written)
         self._set_deadline(time.monotonic() - age + self.flag_budget_s)
 
@@ -79,7 +82,13 @@ class PreemptionNotice:
         return None if math.isinf(agreed) else agreed
 
     def consume(self) -> None:
-        """Remove the flag: a preStop hook waiting for the checkpoint returns, and the next start sees no notice."""
+        """Remove the flag: a preStop hook waiting for the checkpoint returns, and the next start sees no notice.
+
+        A flagged pod's agent is stopped first (kubelet's SIGTERM comes only once the hook returns): left alone it
+        would see this worker exit, restart it and join the survivors' next rendezvous round, then die in it when
+        the SIGTERM comes, and they would wait for it until torchrun's store timeout closes the rendezvous."""
+        if self.flagged and os.environ.get("LOCAL_RANK", "0") == "0":  # one signal per agent
+            stop_agent()
         if self.flag_file:
             try:
                 os.remove(self.flag_file)
