@@ -371,6 +371,31 @@ def test_local_emulation_does_not_restart_a_pod_that_exited_2(work: Work, helm_e
     assert "will restart worker group" not in proc.stdout + proc.stderr
 
 
+
+_AGENT = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    got = []
+    signal.signal(signal.SIGTERM, lambda *_: got.append(1))
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    agent = os.getpid() if sys.argv[1] == "parent" else stranger.pid
+    child = "from lens.agent import stop_agent; stop_agent()"
+    subprocess.run([sys.executable, "-c", child], env={**os.environ, "LENS_AGENT_PID": str(agent)}, check=True)
+    time.sleep(0.2)
+    print(f"agent signalled={bool(got)} stranger alive={stranger.poll() is None}")
+    stranger.kill()
+""")
+
+
+@pytest.mark.parametrize("agent", ["parent", "stranger"])
+def test_a_worker_stops_only_its_own_agent(agent):
+    """`stop_agent` SIGTERMs the process named by LENS_AGENT_PID only while it is the worker's parent: a worker
+    orphaned by its agent (the pid may then be any process's) signals nothing."""
+    out = subprocess.run([sys.executable, "-c", _AGENT, agent], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = "agent signalled=True stranger alive=True" if agent == "parent" else \
+        "agent signalled=False stranger alive=True"
+    assert out.stdout.strip() == expected
+
 def _train_until_step(work: Work, signals: int) -> tuple[subprocess.Popen, str]:
     """Train, and at the first logged step send SIGINT; with `signals=2` a second one once the first is seen (a
     step takes 16 micro-batches, so it lands mid-step, before the save)."""
