@@ -1,4 +1,4 @@
-"""`make demo`: the embedded default end to end on this machine's CPU, in about a quarter of an hour on 2 cores.
+"""`make demo`: the embedded default end to end on this machine's CPU, in about 3 minutes on 2 idle cores once set up.
 
     python scripts/demo.py [key=value ...]      # overrides for conf/smollm2_135m.yaml, e.g. train.max_steps=60
 
