@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,12 +152,10 @@ def layers_speedup(work: Path, corpus: Path, tokenizer, n_layers: int, layers: l
         return time.process_time() - start
 
     one("warm", layers=[0])  # builds the token store and warms the caches; not timed
-    runs = {tuple(c): [] for c in [[layer] for layer in layers] + [layers]}
-    for r in range(repeats):
-        for c, seconds in runs.items():
-            seconds.append(one(f"dump-{'-'.join(map(str, c))}-{r}", layers=list(c)))
-    median = {c: sorted(s)[len(s) // 2] for c, s in runs.items()}
-    return sum(median[(layer,)] for layer in layers), median[tuple(layers)]
+    runs = [[layer] for layer in layers] + [layers]
+    seconds = [[one(f"dump-{'-'.join(map(str, c))}-{r}", layers=c) for c in runs] for r in range(repeats)]
+    median = [statistics.median(times) for times in zip(*seconds)]  # each dump's, over the repeats
+    return sum(median[:-1]), median[-1]
 
 
 def main() -> None:
