@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,21 @@ class WandbTracker(NullTracker):
     """One W&B run per `run.name` (also its id), resumed on restart so a preempted job continues the same run.
 
     A resumed job repeats the steps after its checkpoint, which W&B's own step (monotonic, continued from the
-    server on resume) would refuse. So W&B keeps its step, and charts use the logged `trainer/step` as x-axis."""
+    server on resume) would refuse. So W&B keeps its step, and charts use the logged `trainer/step` as x-axis.
 
-    def __init__(self, project: str, entity: str | None, run_name: str, mode: str, config: dict, dir: str):
+    `folder_suffix` ends the name of the run's local folder (`offline-run-<start second>-<id>-<suffix>`). W&B
+    itself only avoids the folders it sees on local disk; a pod uploading into a shared run.dir needs a suffix of its
+    own, or two pods that start in the same second would write one remote folder, the second's history replacing
+    the first's."""
+
+    def __init__(self, project: str, entity: str | None, run_name: str, mode: str, config: dict, dir: str,
+                 folder_suffix: str = ""):
         import wandb
 
         os.makedirs(dir, exist_ok=True)
         self.run = wandb.init(project=project, entity=entity, id=run_name, name=run_name, resume="allow",
-                              mode=mode, config=config, dir=dir)
+                              mode=mode, config=config, dir=dir,
+                              settings=wandb.Settings(x_sync_dir_suffix=folder_suffix))
         self.run.define_metric(STEP_METRIC)
         self.run.define_metric("*", step_metric=STEP_METRIC)
 
@@ -150,7 +158,8 @@ def run_files_dir(run_dir: str) -> str:
 def make_tracker(project: str, entity: str | None, run_name: str, mode: str, config: dict, dir: str,
                  jsonl: bool = True, remote=None) -> NullTracker:
     """W&B (unless disabled), behind a local metrics.jsonl in `dir` when `jsonl`, uploaded to `remote` (a Storage)
-    when given."""
+    when given (then the W&B folder's name carries a suffix unique to this process: see WandbTracker)."""
     mode = wandb_mode(mode)
-    inner = NullTracker() if mode == "disabled" else WandbTracker(project, entity, run_name, mode, config, dir)
+    suffix = secrets.token_hex(3) if remote is not None else ""
+    inner = NullTracker() if mode == "disabled" else WandbTracker(project, entity, run_name, mode, config, dir, suffix)
     return JsonlTracker(dir, inner, remote) if jsonl else inner

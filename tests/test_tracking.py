@@ -107,8 +107,12 @@ def test_repeated_steps_after_a_resume_are_kept(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_remote_run_dir_keeps_metrics_events_and_the_wandb_folder_across_pods(tiny_files, tmp_path, monkeypatch):
     """run.dir on S3 (a real moto server): each `lens train` is a new pod with an empty scratch, yet run.dir ends
-    with every step's metrics and events of both, and each pod's offline W&B folder (what `wandb sync` reads)."""
+    with every step's metrics and events of both, and each pod's offline W&B folder (what `wandb sync` reads),
+    even though both pods start in the same second (the second in W&B's folder name)."""
+    import types
+
     import boto3
+    import wandb.sdk.wandb_init
     import yaml
     from moto.server import ThreadedMotoServer
 
@@ -127,6 +131,7 @@ def test_a_remote_run_dir_keeps_metrics_events_and_the_wandb_folder_across_pods(
         monkeypatch.delenv("WANDB_API_KEY", raising=False)
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="runs")
+        monkeypatch.setattr(wandb.sdk.wandb_init, "time", types.SimpleNamespace(time=lambda: 1.8e9))  # the run start
         for pod, steps in (("pod-a", 2), ("pod-b", 4)):
             cfg = tiny_run_config(tiny_files, "remote-files", "s3://runs/remote-files",
                                   train={"max_steps": steps, "checkpoint_every": 2}, wandb={"mode": "offline"})
