@@ -581,6 +581,23 @@ def test_a_failed_move_aside_stops_the_resume(tmp_path, monkeypatch):
         manager.resume(lambda checkpoint: None)
 
 
+def test_each_broken_copy_of_a_step_is_kept_under_its_own_name(tmp_path):
+    """Step 2 saved and found broken three times over (in the same second, too): three folders, none overwritten."""
+    storage = open_storage(str(tmp_path / "run"))
+    manager = CheckpointManager(storage, keep=5)
+    _save(manager, 1)
+    for attempt in range(3):
+        _save(manager, 2)
+        (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMMITTED").write_text(f"garbled {attempt}")
+        assert manager.resume(lambda checkpoint: None).step == 1
+    names = storage.list_dirs("checkpoints/unloadable")
+    assert names == ["step-00000002", "step-00000002-1", "step-00000002-2"]
+    for attempt, name in enumerate(names):
+        committed = storage.read_bytes(f"checkpoints/unloadable/{name}/COMMITTED").decode()
+        assert committed == f"garbled {attempt}"  # each copy as it was found
+        assert storage.exists(f"checkpoints/unloadable/{name}/REASON")
+
+
 def test_a_config_mismatch_is_not_a_broken_checkpoint(tmp_path):
     manager = CheckpointManager(open_storage(str(tmp_path / "run")))
     _save(manager, 1)
