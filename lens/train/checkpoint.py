@@ -31,7 +31,6 @@ refused credentials) says nothing about the checkpoint: that error propagates an
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import pickle
@@ -41,7 +40,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -465,7 +464,8 @@ class CheckpointManager:
 
     def _move_aside(self, name: str, why: str) -> None:
         taken = set(self.storage.list_dirs(UNLOADABLE))  # earlier broken copies of this step stay as they are
-        target = f"{UNLOADABLE}/{next(n for n in _numbered(name) if n not in taken)}"
+        names = [name] + [f"{name}-{n}" for n in range(1, len(taken) + 1)]  # len(taken) + 1 names: one is free
+        target = f"{UNLOADABLE}/{next(n for n in names if n not in taken)}"
         self.storage.move_prefix(f"{CHECKPOINTS}/{name}", target)
         self.storage.write_bytes(f"{target}/{REASON}", f"{why}\n".encode())
         logger.warning("moved %s to %s (kept for inspection; move it back to retry it)",
@@ -520,13 +520,6 @@ def _save_failed(manager: CheckpointManager, name: str, e: CheckpointException) 
 
 def _step_of(name: str) -> int:
     return int(_STEP_DIR.match(name).group(1))
-
-
-def _numbered(name: str) -> Iterator[str]:
-    """``name``, then ``name-1``, ``name-2``, ...: the names a broken copy of one step may take, first free wins."""
-    yield name
-    for n in itertools.count(1):
-        yield f"{name}-{n}"
 
 
 def _attempt(all_ok: Callable[[bool], bool], uri: str, fn: Callable, *args) -> tuple[object, str | None]:
